@@ -95,7 +95,9 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """
     _check_grid(grid)
     keys = list(grid)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(list(grid[k]) for k in keys))]
+    return [
+        dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(list(grid[k]) for k in keys))
+    ]
 
 
 def format_value(value: Any) -> str:
@@ -127,7 +129,9 @@ def _name_keys(keys: Iterable[str]) -> dict[str, str]:
     """Key as written -> key used in names: the short key unless two keys share it."""
     keys = list(keys)
     shorts = [short_key(k) for k in keys]
-    return {k: (s if shorts.count(s) == 1 else _UNSAFE.sub("_", k)) for k, s in zip(keys, shorts, strict=True)}
+    return {
+        k: (s if shorts.count(s) == 1 else _UNSAFE.sub("_", k)) for k, s in zip(keys, shorts, strict=True)
+    }
 
 
 def child_name(overrides: Mapping[str, Any], name_keys: Mapping[str, str] | None = None) -> str:
@@ -241,7 +245,9 @@ def aggregate_rows(rows_per_run: Sequence[Sequence[Mapping[str, Any]]]) -> list[
     return [{**fields, "metrics": _summarise(lists)} for fields, lists in pooled.values()]
 
 
-def aggregate(children: Sequence[Mapping[str, Any]], over: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def aggregate(
+    children: Sequence[Mapping[str, Any]], over: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """Aggregate finished children over the seed keys.
 
     ``children``: dicts with ``name``, ``settings`` (the delta: key as written -> value),
@@ -399,7 +405,9 @@ def run_sweep(
         children.append({"name": name, "overrides": combo, "path": path, "settings": settings})
 
     for child in children:
-        child["done"] = (child["path"] / "results.json").is_file()
+        # --overwrite (run.overwrite in the child's settings) re-runs finished children
+        overwrite = bool(getattr(getattr(child["settings"], "run", None), "overwrite", False))
+        child["done"] = (child["path"] / "results.json").is_file() and not overwrite
 
     if dry_run:
         n_done = sum(c["done"] for c in children)
@@ -499,4 +507,10 @@ def _parent_header(command: str, build_settings: Callable[[dict[str, Any]], Any]
                 header[key] = fn()
             except Exception:  # noqa: BLE001 - provenance is best effort
                 pass
+    try:
+        from mergekit_lab.runtime import peak_memory_mb
+
+        header["peak_memory_mb"] = peak_memory_mb()
+    except Exception:  # noqa: BLE001
+        pass
     return header

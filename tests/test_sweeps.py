@@ -70,12 +70,24 @@ def _child(name, settings, metrics, rows=()):
 
 def test_aggregate_over_seed_matches_hand_computed():
     children = [
-        _child("lr=1,seed=1", {"lr": 1, "seed": 1}, {"acc": 0.5, "loss": 2.0},
-               [{"model": "m", "kind": "merged", "task": "t", "split": "dev", "metrics": {"f1": 0.1}}]),
-        _child("lr=1,seed=2", {"lr": 1, "seed": 2}, {"acc": 0.7, "loss": 4.0},
-               [{"model": "m", "kind": "merged", "task": "t", "split": "dev", "metrics": {"f1": 0.3}}]),
-        _child("lr=1,seed=3", {"lr": 1, "seed": 3}, {"acc": 0.9, "loss": "n/a"},
-               [{"model": "m", "kind": "merged", "task": "t", "split": "dev", "metrics": {"f1": 0.8}}]),
+        _child(
+            "lr=1,seed=1",
+            {"lr": 1, "seed": 1},
+            {"acc": 0.5, "loss": 2.0},
+            [{"model": "m", "kind": "merged", "task": "t", "split": "dev", "metrics": {"f1": 0.1}}],
+        ),
+        _child(
+            "lr=1,seed=2",
+            {"lr": 1, "seed": 2},
+            {"acc": 0.7, "loss": 4.0},
+            [{"model": "m", "kind": "merged", "task": "t", "split": "dev", "metrics": {"f1": 0.3}}],
+        ),
+        _child(
+            "lr=1,seed=3",
+            {"lr": 1, "seed": 3},
+            {"acc": 0.9, "loss": "n/a"},
+            [{"model": "m", "kind": "merged", "task": "t", "split": "dev", "metrics": {"f1": 0.8}}],
+        ),
         _child("lr=2,seed=1", {"lr": 2, "seed": 1}, {"acc": 0.25, "nested": {"x": 1}}),
     ]
     groups = aggregate(children)
@@ -105,8 +117,18 @@ def test_aggregate_over_seed_matches_hand_computed():
 
 
 def test_rows_keep_extra_identity_fields_apart():
-    rows_a = [{"model": "m", "kind": "merged", "task": "t", "split": "dev", "num_models": k,
-               "metrics": {"acc": 0.1 * k}, "seconds": 1.0 + k} for k in (2, 3)]
+    rows_a = [
+        {
+            "model": "m",
+            "kind": "merged",
+            "task": "t",
+            "split": "dev",
+            "num_models": k,
+            "metrics": {"acc": 0.1 * k},
+            "seconds": 1.0 + k,
+        }
+        for k in (2, 3)
+    ]
     rows_b = [{**r, "metrics": {"acc": r["metrics"]["acc"] + 0.2}, "seconds": 9.0} for r in rows_a]
     groups = aggregate([_child("seed=1", {"seed": 1}, {}, rows_a), _child("seed=2", {"seed": 2}, {}, rows_b)])
     rows = groups[0]["rows"]
@@ -149,8 +171,15 @@ def _runner(ran):
             "schema_version": 1,
             "command": "fake",
             "metrics": {"score": settings.learning_rate * 10 + settings.seed},
-            "rows": [{"model": "m", "kind": "individual", "task": "t", "split": "dev",
-                      "metrics": {"acc": settings.seed / 10}}],
+            "rows": [
+                {
+                    "model": "m",
+                    "kind": "individual",
+                    "task": "t",
+                    "split": "dev",
+                    "metrics": {"acc": settings.seed / 10},
+                }
+            ],
         }
         (settings.output_dir / "results.json").write_text(json.dumps(result))
 
@@ -161,8 +190,12 @@ def test_run_sweep_runs_resumes_and_writes_parent(tmp_path):
     grid = {"training.learning_rate": [0.1, 0.2], "seed": [1, 2]}
     ran: list[str] = []
     parent = run_sweep("fake", grid, _builder([]), _runner(ran), tmp_path / "sw", False, None)
-    expected = ["learning_rate=0.1,seed=1", "learning_rate=0.1,seed=2",
-                "learning_rate=0.2,seed=1", "learning_rate=0.2,seed=2"]
+    expected = [
+        "learning_rate=0.1,seed=1",
+        "learning_rate=0.1,seed=2",
+        "learning_rate=0.2,seed=1",
+        "learning_rate=0.2,seed=2",
+    ]
     assert ran == expected
     on_disk = json.loads((tmp_path / "sw" / "results.json").read_text())
     assert on_disk["command"] == "sweep:fake"

@@ -1,0 +1,316 @@
+"""`mklab report`: tables from fixture results files (exact markdown / CSV), plots, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mergekit_lab.cli import report as report_cli
+from mergekit_lab.errors import UserError
+from mergekit_lab.report import (
+    build_table,
+    find_similarity,
+    load_records,
+    lower_is_better,
+    plot_bars,
+    plot_greedy_curve,
+    plot_heatmap,
+    to_csv,
+    to_json,
+    to_markdown,
+)
+
+
+def _write(folder: Path, data: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data))
+    return folder
+
+
+def _row(model, kind, task, metrics, split="validation", **extra):
+    return {"model": model, "kind": kind, "task": task, "split": split, "metrics": metrics, **extra}
+
+
+@pytest.fixture
+def merge_run(tmp_path):
+    rows = [
+        _row("sst2", "individual", "glue/sst2", {"accuracy": 0.91}),
+        _row("sst2", "individual", "glue/cola", {"matthews_correlation": 0.02}),
+        _row("cola", "individual", "glue/sst2", {"accuracy": 0.52}),
+        _row("cola", "individual", "glue/cola", {"matthews_correlation": 0.45}),
+        _row("average", "merged", "glue/sst2", {"accuracy": 0.80}),
+        _row("average", "merged", "glue/cola", {"matthews_correlation": 0.10}),
+        _row("regmean", "merged", "glue/sst2", {"accuracy": 0.88}),
+        _row("regmean", "merged", "glue/cola", {"matthews_correlation": 0.30}),
+    ]
+    return _write(tmp_path / "m1", {"schema_version": 1, "command": "merge", "metrics": {}, "rows": rows})
+
+
+def test_markdown_exact(merge_run):
+    table = build_table(load_records([merge_run]))
+    assert to_markdown(table) == (
+        "| model | kind | glue/sst2 (accuracy) | glue/cola (matthews_correlation) |\n"
+        "|---|---|---:|---:|\n"
+        "| sst2 | individual | **0.9100** | 0.0200 |\n"
+        "| cola | individual | 0.5200 | **0.4500** |\n"
+        "| average | merged | 0.8000 | 0.1000 |\n"
+        "| regmean | merged | 0.8800 | 0.3000 |\n"
+    )
+
+
+def test_csv_exact_with_rows_and_cols_swapped(merge_run):
+    table = build_table(load_records([merge_run]), rows=["task"], cols=["model"])
+    assert to_csv(table) == (
+        "task,sst2,cola,average,regmean\nglue/sst2,0.91,0.52,0.8,0.88\nglue/cola,0.02,0.45,0.1,0.3\n"
+    )
+    # one metric for all: the header carries no metric name; cells without it stay empty
+    table = build_table(load_records([merge_run]), rows=["model"], cols=["task"], metric="accuracy")
+    assert to_csv(table) == "model,glue/sst2\nsst2,0.91\ncola,0.52\naverage,0.8\nregmean,0.88\n"
+    data = json.loads(to_json(table))
+    assert data["metric"] == "accuracy"
+    assert data["data"][0]["cells"]["glue/sst2"] == {
+        "value": 0.91,
+        "std": None,
+        "n": None,
+        "metric": "accuracy",
+        "best": True,
+    }
+
+
+def test_lower_is_better_metric_highlights_minimum(tmp_path):
+    run = _write(
+        tmp_path / "r",
+        {
+            "schema_version": 1,
+            "command": "eval",
+            "metrics": {},
+            "rows": [
+                _row("a", "individual", "text:x", {"perplexity": 12.0}),
+                _row("b", "individual", "text:x", {"perplexity": 9.5}),
+            ],
+        },
+    )
+    table = build_table(load_records([run]))
+    assert lower_is_better("eval_loss") and not lower_is_better("accuracy")
+    assert "| b | **9.5000** |" in to_markdown(table)
+
+
+def _sweep_parent(tmp_path) -> Path:
+    """A sweep parent as sweeps.run_sweep writes it (aggregated rows with std and n)."""
+    children = []
+    for lr in (0.1, 0.2):
+        for seed in (1, 2):
+            name = f"learning_rate={lr},seed={seed}"
+            acc = lr + seed / 10
+            child = _write(
+                tmp_path / "sw" / name,
+                {
+                    "schema_version": 1,
+                    "command": "train",
+                    "metrics": {"accuracy": acc},
+                    "rows": [_row("m", "individual", "glue/sst2", {"accuracy": acc})],
+                },
+            )
+            children.append(
+                {
+                    "name": name,
+                    "path": child.name,
+                    "settings": {"training.learning_rate": lr, "seed": seed},
+                    "metrics": {"accuracy": acc},
+                    "rows": [],
+                }
+            )
+    from mergekit_lab.sweeps import aggregate, aggregated_table_rows
+
+    for c in children:
+        c["rows"] = json.loads((tmp_path / "sw" / c["path"] / "results.json").read_text())["rows"]
+    groups = aggregate(children)
+    return _write(
+        tmp_path / "sw",
+        {
+            "schema_version": 1,
+            "command": "sweep:train",
+            "metrics": {},
+            "rows": aggregated_table_rows(groups),
+            "children": children,
+            "aggregates": groups,
+        },
+    )
+
+
+def test_sweep_report_shows_mean_and_std(tmp_path):
+    parent = _sweep_parent(tmp_path)
+    table = build_table(load_records([parent]))
+    # seeds 1,2 -> acc lr+0.1, lr+0.2: mean lr+0.15, sample std sqrt(0.005)=0.0707
+    assert to_markdown(table) == (
+        "| learning_rate | glue/sst2 (accuracy) |\n"
+        "|---|---:|\n"
+        "| 0.1000 | 0.2500 ± 0.0707 |\n"
+        "| 0.2000 | **0.3500 ± 0.0707** |\n"
+    )
+    csv_text = to_csv(table).splitlines()
+    assert csv_text[0] == "learning_rate,glue/sst2 (accuracy),glue/sst2 (accuracy) std"
+    assert csv_text[1].startswith("0.1,0.25")
+    # --children: one row per child, the seed becomes a field
+    table = build_table(load_records([parent], children=True), rows=["learning_rate", "seed"])
+    assert [r for r in table.row_keys] == [(0.1, 1), (0.1, 2), (0.2, 1), (0.2, 2)]
+
+
+def test_same_cell_twice_names_the_differing_field(tmp_path):
+    run = _write(
+        tmp_path / "r",
+        {
+            "schema_version": 1,
+            "command": "merge",
+            "metrics": {},
+            "rows": [
+                _row("avg", "merged", "t", {"acc": 0.1}, num_models=2),
+                _row("avg", "merged", "t", {"acc": 0.2}, num_models=3),
+            ],
+        },
+    )
+    with pytest.raises(UserError, match="num_models"):
+        build_table(load_records([run]), rows=["model"], cols=["task"])
+    with pytest.raises(UserError, match="unknown report field 'nope'"):
+        build_table(load_records([run]), rows=["nope"])
+    with pytest.raises(UserError, match="no result has the metric 'f1'"):
+        build_table(load_records([run]), metric="f1")
+
+
+def test_run_without_rows_uses_run_metrics(tmp_path):
+    a = _write(
+        tmp_path / "a",
+        {
+            "schema_version": 1,
+            "command": "train",
+            "metrics": {"accuracy": 0.5},
+            "settings": {"data": {"task": "glue/rte"}},
+            "rows": [],
+        },
+    )
+    b = _write(
+        tmp_path / "b",
+        {
+            "schema_version": 1,
+            "command": "train",
+            "metrics": {"accuracy": 0.75},
+            "settings": {"data": {"task": "glue/rte"}},
+        },
+    )
+    assert to_markdown(build_table(load_records([a, b / "results.json"]))) == (
+        "| model | glue/rte (accuracy) |\n|---|---:|\n| a | 0.5000 |\n| b | **0.7500** |\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no results file"),
+        ("{not json", "unreadable results file"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"command": "x"}', "no schema_version"),
+        ('{"schema_version": 99, "command": "x"}', "schema version 99"),
+        ('{"schema_version": 1, "rows": {"a": 1}}', "'rows' must be a list"),
+        ('{"schema_version": 1, "metrics": [1]}', "'metrics' must be an object"),
+    ],
+)
+def test_bad_results_files_are_named(tmp_path, content, message):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    if content is not None:
+        (folder / "results.json").write_text(content)
+    with pytest.raises(UserError, match=message) as info:
+        load_records([folder])
+    assert str(folder / "results.json") in str(info.value)
+
+
+def _png_ok(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_written(tmp_path, merge_run):
+    parent = _sweep_parent(tmp_path)
+    _png_ok(plot_bars(build_table(load_records([parent])), tmp_path / "p" / "bars.png"))
+    greedy_rows = []
+    for method, base in (("average", 0.5), ("regmean", 0.6)):
+        for k in (2, 3, 4):
+            for task, dom in (("emotion/a", "in"), ("emotion/b", "in"), ("emotion/c", "ood")):
+                greedy_rows.append(
+                    _row(
+                        f"{method}-{k}",
+                        "merged",
+                        task,
+                        {"f1": base - 0.02 * k},
+                        method=method,
+                        num_models=k,
+                        domain=dom,
+                    )
+                )
+    run = _write(
+        tmp_path / "greedy", {"schema_version": 1, "command": "merge", "metrics": {}, "rows": greedy_rows}
+    )
+    records = load_records([run])
+    from mergekit_lab.report import greedy_points
+
+    pts = greedy_points(records)
+    assert pts[("in", "regmean")] == [
+        (2, pytest.approx(0.56)),
+        (3, pytest.approx(0.54)),
+        (4, pytest.approx(0.52)),
+    ]
+    assert set(pts) == {("in", "average"), ("in", "regmean"), ("ood", "average"), ("ood", "regmean")}
+    _png_ok(plot_greedy_curve(records, tmp_path / "p" / "greedy.png"))
+    assert plot_greedy_curve(load_records([merge_run]), tmp_path / "p" / "none.png") is None
+    _png_ok(plot_heatmap(["a", "b"], ["a", "b"], [[None, 0.7], [0.3, None]], tmp_path / "p" / "heat.png"))
+
+
+def test_similarity_layouts(tmp_path):
+    d = tmp_path / "sim"
+    d.mkdir()
+    (d / "weights.json").write_text(json.dumps({"weights": {"rte": {"sst2": 0.6, "cola": 0.4}}}))
+    ((name, targets, sources, matrix),) = find_similarity([d])
+    assert (targets, sources, matrix) == (["rte"], ["sst2", "cola"], [[0.6, 0.4]])
+    (d / "weights.json").write_text(
+        json.dumps({"targets": ["a", "b"], "sources": ["a", "b"], "weights": [[None, 1.0], [1.0]]})
+    )
+    with pytest.raises(UserError, match="2 targets x 2 sources"):
+        find_similarity([d])
+    (d / "weights.json").write_text(json.dumps({"target": "rte", "weights": {"sst2": 0.25, "cola": 0.75}}))
+    assert find_similarity([d])[0][1:] == (["rte"], ["sst2", "cola"], [[0.25, 0.75]])
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    report_cli.register(app)
+
+    @app.command("other")
+    def _other() -> None:  # a second command so typer keeps `report` as a subcommand
+        pass
+
+    return app
+
+
+def test_cli_markdown_csv_and_plots(tmp_path, merge_run):
+    runner = CliRunner()
+    app = _app()
+    res = runner.invoke(app, ["report", str(merge_run), "--format", "markdown"])
+    assert res.exit_code == 0, res.output
+    assert "| regmean | merged | 0.8800 | 0.3000 |" in res.output
+    out = tmp_path / "t.csv"
+    res = runner.invoke(
+        app, ["report", str(merge_run), "--output", str(out), "--rows", "task", "--cols", "model"]
+    )
+    assert res.exit_code == 0, res.output
+    assert out.read_text().startswith("task,sst2,cola,average,regmean\n")
+    res = runner.invoke(app, ["report", str(merge_run), "--plot", str(tmp_path / "plots")])
+    assert res.exit_code == 0, res.output
+    assert "regmean" in res.output
+    _png_ok(tmp_path / "plots" / "bars.png")
+    res = runner.invoke(app, ["report", str(tmp_path / "missing")])
+    assert res.exit_code == 2
+    assert "no results file" in res.output
