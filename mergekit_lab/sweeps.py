@@ -11,12 +11,13 @@ or a dotted key such as ``training.learning_rate``) to lists of values. :func:`r
 3. builds and validates the settings of EVERY child before running any, so a bad value in the
    last combination fails before hours of work;
 4. runs the children one after another; a child whose ``results.json`` already exists is
-   skipped, so an interrupted sweep resumes where it stopped (``--dry-run`` lists the runs and
-   what would be skipped, and runs nothing);
+   skipped, so an interrupted sweep resumes where it stopped (``--overwrite`` re-runs them all;
+   ``--dry-run`` lists the runs and what would be skipped, and runs nothing);
 5. writes the parent ``<output_dir>/results.json`` (command ``sweep:<command>``) listing every
    child (name, settings delta, path, metrics, rows) and the aggregates over ``seed``
    (:func:`aggregate`): for every combination of the other keys, mean, sample standard deviation
    (ddof=1; ``null`` when n < 2) and n of every numeric metric, run-level and per row.
+   The settings delta recorded for a child holds the validated values (``3e-1`` -> ``0.3``).
 
 Library code: no printing except through the ``console`` handed in by the CLI.
 """
@@ -373,6 +374,51 @@ def _settings_dump(settings: Any) -> Any:
     return dump(mode="json") if dump is not None else settings
 
 
+_MISSING = object()
+
+
+def resolved_value(settings_dump: Any, key: str, default: Any = None) -> Any:
+    """The validated value of ``key`` in a settings dump (dotted path, or a bare field name looked
+    up at the top level and then in each group); ``default`` when not found. So ``3e-1``, which
+    YAML reads as a string, is recorded as the float 0.3 that the run used."""
+    if not isinstance(settings_dump, Mapping):
+        return default
+    if "." in key:
+        node: Any = settings_dump
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return default
+            node = node[part]
+        return node
+    if key in settings_dump:
+        return settings_dump[key]
+    for group in settings_dump.values():
+        if isinstance(group, Mapping) and key in group:
+            return group[key]
+    return default
+
+
+def _pooled_name(name_keys: Mapping[str, str], combo: Mapping[str, Any], over: Sequence[str]) -> str:
+    """A child's name with the seed values replaced by ``*``: ``lr=0.1,seed=*``."""
+    parts = [f"{name_keys[k]}={'*' if k in over else format_value(v)}" for k, v in combo.items()]
+    return ",".join(parts)
+
+
+def _normalise_paths(value: Any, mapping: Mapping[str, str]) -> Any:
+    """Replace a child's own folder in string fields (e.g. ``model`` = the run's output folder)
+    by the pooled name, so rows of different seeds are recognised as the same row."""
+    if isinstance(value, str):
+        for old, new in mapping.items():
+            if value == old or value.startswith(old + "/"):
+                return new + value[len(old) :]
+        return value
+    if isinstance(value, list):
+        return [_normalise_paths(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: (v if k == "metrics" else _normalise_paths(v, mapping)) for k, v in value.items()}
+    return value
+
+
 def run_sweep(
     command: str,
     grid: Mapping[str, Sequence[Any]],
@@ -449,10 +495,12 @@ def run_sweep(
                 f"sweep child {child['name']} finished without writing {child['path'] / 'results.json'}",
                 hint=f"check that `{command}` writes results.json into its --output-dir",
             )
+        dump = _settings_dump(child["settings"])
+        delta = {k: resolved_value(dump, k, v) for k, v in child["overrides"].items()}
         records.append(
             {
                 "name": child["name"],
-                "settings": dict(child["overrides"]),
+                "settings": delta,
                 "path": child["name"],
                 "status": status,
                 "metrics": result.get("metrics", {}),
@@ -460,9 +508,16 @@ def run_sweep(
             }
         )
 
-    # 3. parent results.json
+    # 3. parent results.json; rows that name the child's own folder are pooled under
+    # "<output_dir>/<name with seed=*>" so that seeds average together
     over = seed_keys(grid)
-    groups = aggregate(records, over=over)
+    name_keys = _name_keys(grid)
+    pooled_input = []
+    for child, record in zip(children, records, strict=True):
+        target = str(output_dir / _pooled_name(name_keys, child["overrides"], over))
+        mapping = {str(child["path"]): target, str(Path(child["path"]).resolve()): target}
+        pooled_input.append({**record, "rows": _normalise_paths(record["rows"], mapping)})
+    groups = aggregate(pooled_input, over=over)
     end = time.time()
     parent: dict[str, Any] = _parent_header(command, build_settings, output_dir)
     parent.update(

@@ -246,3 +246,38 @@ def test_dry_run_lists_and_runs_nothing(tmp_path):
 def test_child_without_results_is_an_error(tmp_path):
     with pytest.raises(UserError, match="without writing"):
         run_sweep("fake", {"seed": [1]}, _builder([]), lambda s: None, tmp_path / "sw", False, None)
+
+
+def test_rows_naming_the_child_folder_pool_across_seeds_and_values_are_validated(tmp_path):
+    def run(settings: _Run):
+        settings.output_dir.mkdir(parents=True)
+        row = {
+            "model": str(settings.output_dir),
+            "kind": "trained",
+            "task": "t",
+            "split": "validation",
+            "metrics": {"acc": settings.seed / 10},
+        }
+        (settings.output_dir / "results.json").write_text(json.dumps({"schema_version": 1, "rows": [row]}))
+
+    out = tmp_path / "sw"
+    # "2e-1" is a string for YAML 1.1; the recorded delta holds the validated float
+    parent = run_sweep(
+        "fake", {"learning_rate": ["2e-1"], "seed": [1, 3]}, _builder([]), run, out, False, None
+    )
+    assert [c["name"] for c in parent["children"]] == [
+        "learning_rate=2e-1,seed=1",
+        "learning_rate=2e-1,seed=3",
+    ]
+    assert parent["children"][0]["settings"] == {"learning_rate": 0.2, "seed": 1}
+    # children keep their own rows; the aggregate pools them under "<out>/learning_rate=2e-1,seed=*"
+    assert parent["children"][1]["rows"][0]["model"] == str(out / "learning_rate=2e-1,seed=3")
+    (group,) = parent["aggregates"]
+    (row,) = group["rows"]
+    assert row["model"] == str(out / "learning_rate=2e-1,seed=*")
+    assert row["metrics"]["acc"] == {
+        "mean": pytest.approx(0.2),
+        "std": pytest.approx(math.sqrt(0.02)),
+        "n": 2,
+    }
+    assert parent["rows"][0]["std"]["acc"] == pytest.approx(math.sqrt(0.02))
