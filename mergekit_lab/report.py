@@ -55,7 +55,7 @@ RESULTS_FILE = "results.json"
 WEIGHTS_FILE = "weights.json"
 _LOWER_WORDS = ("loss", "perplexity", "error", "mse", "mae", "rmse", "wer", "cer")
 # fields that are never offered as table fields
-_NOT_FIELDS = frozenset({"metrics", "std", "n", "settings"})
+_NOT_FIELDS = frozenset({"metrics", "std", "n", "settings", "_sweep"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,8 +122,10 @@ def _settings_task(settings: Any) -> Any:
 
 def _row_record(row: Mapping[str, Any], run: str, command: str, delta: Mapping[str, Any]) -> dict[str, Any]:
     rec: dict[str, Any] = {"run": run, "command": command}
+    sweep_fields = []
     for key, value in (delta or {}).items():
         rec[_short(key)] = value
+        sweep_fields.append(_short(key))
     for key, value in row.items():
         if key in _NOT_FIELDS:
             continue
@@ -132,6 +134,8 @@ def _row_record(row: Mapping[str, Any], run: str, command: str, delta: Mapping[s
         rec[key] = value
     for key, value in (row.get("settings") or {}).items():  # aggregated sweep rows
         rec.setdefault(_short(key), value)
+        sweep_fields.append(_short(key))
+    rec["_sweep"] = sweep_fields
     rec["metrics"] = {k: float(v) for k, v in (row.get("metrics") or {}).items() if _is_number(v)}
     rec["std"] = {k: v for k, v in (row.get("std") or {}).items() if v is None or _is_number(v)}
     rec["n"] = row.get("n")
@@ -296,21 +300,40 @@ def _varying(records: Sequence[Mapping[str, Any]], name: str) -> bool:
     return len(values) > 1
 
 
+def _distinct(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> int:
+    return len({tuple(json.dumps(r.get(f), sort_keys=True, default=str) for f in names) for r in records})
+
+
 def default_layout(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
-    """Default ``(rows, cols)``: cols ``task`` (+ ``split`` when several); rows the other fields
-    that vary between records (``run``, ``model``, ``kind``, ``method``, then the rest in the
-    order first seen), or ``model`` when none varies."""
+    """Default ``(rows, cols)``.
+
+    cols: ``task`` (+ ``split`` when several). rows: the fields that vary between records, in
+    the order ``run``, ``model``, ``kind``, ``method``, then the rest as first seen (``model``
+    when none varies). When the records come from sweeps, the sweep keys come first and the
+    other fields are added only as far as they are needed to tell the records apart (so a
+    child's folder name in ``model`` does not repeat the learning rate next to it); likewise
+    ``run`` (the folder name) is left out when the other fields already tell the results apart.
+    """
     cols = ["task"] + (["split"] if _varying(records, "split") else [])
+    sweep: list[str] = []
+    for rec in records:
+        sweep.extend(f for f in rec.get("_sweep", ()) if f not in sweep)
     order = ["run", "model", "kind", "method"]
     fields = [f for f in order if any(f in r for r in records)]
     fields += [f for f in _fields_of(records) if f not in fields]
-    rows = [f for f in fields if f not in cols and f != "command" and _varying(records, f)]
-    # the folder name is redundant when another field already tells the runs apart
-    if "run" in rows and len(rows) > 1:
-        without = [f for f in rows if f != "run"]
-        keys = [tuple(json.dumps(r.get(f), default=str) for f in without + cols) for r in records]
-        if len(set(keys)) == len(keys):
-            rows = without
+    candidates = [f for f in fields if f not in cols and f != "command" and _varying(records, f)]
+    target = _distinct(records, candidates + cols)
+    if sweep:
+        rows = [f for f in sweep if f in candidates]
+        for f in [f for f in candidates if f not in rows and f != "run"] + ["run"]:
+            if f in candidates and _distinct(records, rows + cols) < target:
+                rows.append(f)
+    else:
+        rows = candidates
+        if "run" in rows and len(rows) > 1:
+            without = [f for f in rows if f != "run"]
+            if _distinct(records, without + cols) == target:
+                rows = without
     return rows or ["model"], cols
 
 
@@ -393,10 +416,11 @@ def build_table(
 
 
 def _fmt(value: Any) -> str:
+    """A row field as text: floats in their shortest exact form (``0.001``, ``1e-05``)."""
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.4f}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return str(value)
 
 

@@ -149,8 +149,8 @@ def test_sweep_report_shows_mean_and_std(tmp_path):
     assert to_markdown(table) == (
         "| learning_rate | glue/sst2 (accuracy) |\n"
         "|---|---:|\n"
-        "| 0.1000 | 0.2500 ± 0.0707 |\n"
-        "| 0.2000 | **0.3500 ± 0.0707** |\n"
+        "| 0.1 | 0.2500 ± 0.0707 |\n"
+        "| 0.2 | **0.3500 ± 0.0707** |\n"
     )
     csv_text = to_csv(table).splitlines()
     assert csv_text[0] == "learning_rate,glue/sst2 (accuracy),glue/sst2 (accuracy) std"
@@ -314,3 +314,15 @@ def test_cli_markdown_csv_and_plots(tmp_path, merge_run):
     res = runner.invoke(app, ["report", str(tmp_path / "missing")])
     assert res.exit_code == 2
     assert "no results file" in res.output
+
+
+def test_default_layout_prefers_sweep_keys_over_child_paths(tmp_path):
+    parent = _sweep_parent(tmp_path)
+    data = json.loads((parent / "results.json").read_text())
+    for row in data["rows"]:  # like `train`, whose row model is the run's own folder
+        row["model"] = f"{parent}/learning_rate={row['settings']['training.learning_rate']},seed=*"
+    (parent / "results.json").write_text(json.dumps(data))
+    table = build_table(load_records([parent]))
+    assert table.row_fields == ["learning_rate"] and table.col_fields == ["task"]
+    merged = build_table(load_records([parent, tmp_path / "sw" / "learning_rate=0.1,seed=1"]))
+    assert merged.row_fields[0] == "learning_rate" and len(merged.row_keys) == 3

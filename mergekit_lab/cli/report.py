@@ -75,7 +75,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("report", help="Tables and plots from results.json files (single runs, sweeps, merges).")
     def report_cmd(
-        runs: list[Path] = typer.Argument(..., help="run folders or results.json files (sweeps too)"),
+        runs: list[Path] = typer.Argument(
+            ..., metavar="RUN_DIR...", help="run folders or results.json files (sweeps too)"
+        ),
         fmt: str = typer.Option(None, "--format", "-f", help="table (rich, default), markdown, csv or json"),
         output: Path = typer.Option(None, "--output", "-o", help="write the table to this file"),
         rows: list[str] = typer.Option(
@@ -105,8 +107,9 @@ def register(app: typer.Typer) -> None:
                 plot=plot,
             )
         except UserError as exc:
-            err.print(f"[red]error:[/] {exc.one_line()}", highlight=False)
-            raise typer.Exit(exc.exit_code) from None
+            from mergekit_lab.cli.common import report_error
+
+            raise typer.Exit(report_error(exc, False)) from None
         table = out["table"]
         if table is not None:
             if out["format"] == "table":
