@@ -471,7 +471,8 @@ def run_sweep(
             ],
         }
 
-    # 2. run, skipping finished children
+    # 2. run, skipping finished children; never replace a results.json that is not this sweep's
+    _check_parent_folder(command, output_dir, build_settings)
     start = time.time()
     start_iso = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -541,6 +542,29 @@ def run_sweep(
     _write_json(output_dir / "results.json", parent)
     _say(console, f"sweep {command}: {len(records)} runs, results in {output_dir / 'results.json'}")
     return parent
+
+
+def _check_parent_folder(
+    command: str, output_dir: Path, build_settings: Callable[[dict[str, Any]], Any]
+) -> None:
+    file = output_dir / "results.json"
+    if not file.is_file():
+        return
+    try:
+        previous = json.loads(file.read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous == f"sweep:{command}":
+        return
+    try:
+        overwrite = bool(build_settings({"run.output_dir": output_dir}).run.overwrite)
+    except (UserError, AttributeError):
+        overwrite = False
+    if not overwrite:
+        raise UserError(
+            f"{file} belongs to another run ({previous or 'unknown command'}), not to a sweep of {command}",
+            hint="choose another --output-dir for the sweep, or pass --overwrite",
+        )
 
 
 def _parent_header(command: str, build_settings: Callable[[dict[str, Any]], Any], output_dir: Path) -> dict:

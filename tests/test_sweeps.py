@@ -281,3 +281,13 @@ def test_rows_naming_the_child_folder_pool_across_seeds_and_values_are_validated
         "n": 2,
     }
     assert parent["rows"][0]["std"]["acc"] == pytest.approx(math.sqrt(0.02))
+
+
+def test_sweep_refuses_a_folder_holding_another_run(tmp_path):
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"schema_version": 1, "command": "merge"}))
+    ran: list[str] = []
+    with pytest.raises(UserError, match="belongs to another run"):
+        run_sweep("fake", {"seed": [1]}, _builder([]), _runner(ran), out, False, None)
+    assert ran == []
