@@ -76,8 +76,9 @@ def run_eval(settings: EvalSettings) -> dict:
     loaded = []
     for name, ref in zip(settings.model.name_or_path, refs):
         model = load_trained(ref, trust_remote_code=settings.model.trust_remote_code)
-        mset = settings.model.model_copy(update={"name_or_path": ref})
-        tok = load_tokenizer(ModelSettings(**{**mset.model_dump(), "name_or_path": ref}))
+        tok = load_tokenizer(ModelSettings(name_or_path=ref, tokenizer=settings.model.tokenizer,
+                                           revision=settings.model.revision,
+                                           trust_remote_code=settings.model.trust_remote_code))
         loaded.append((name, model.to(acc.device), tok))
     for name, model, tok in loaded:
         for task in tasks:
