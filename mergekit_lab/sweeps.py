@@ -227,23 +227,70 @@ def row_identity(row: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(ident)
 
 
-def aggregate_rows(rows_per_run: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """Average rows across runs: rows with the same :func:`row_identity` are pooled.
+def _wildcard(values: Sequence[str]) -> str:
+    """Strings that differ between seeds as one pattern: common prefix + ``*`` + common suffix
+    (``zoo/sst2-s1-ab12``, ``zoo/sst2-s2-cd34`` -> ``zoo/sst2-s*``)."""
+    first = values[0]
+    prefix = 0
+    while prefix < len(first) and all(len(v) > prefix and v[prefix] == first[prefix] for v in values):
+        prefix += 1
+    suffix = 0
+    shortest = min(len(v) for v in values)
+    while suffix < shortest - prefix and all(
+        v[len(v) - 1 - suffix] == first[len(first) - 1 - suffix] for v in values
+    ):
+        suffix += 1
+    return first[:prefix] + "*" + (first[len(first) - suffix :] if suffix else "")
 
-    Returns one dict per identity, in first-seen order: the identity fields plus
-    ``metrics: {name: {"mean", "std", "n"}}`` over the numeric ``metrics`` of the pooled rows.
+
+def _pool(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    lists: dict[str, list[float]] = {}
+    for row in entries:
+        for name, value in numeric_metrics(row.get("metrics")).items():
+            lists.setdefault(name, []).append(value)
+    return _summarise(lists)
+
+
+def aggregate_rows(rows_per_run: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Average rows across runs.
+
+    Rows with the same :func:`row_identity` are pooled. When that leaves some row without a
+    partner in every run (a text field such as a zoo model path differs between seeds) but all
+    runs wrote the same number of rows whose identities differ only in text fields, rows are
+    pooled by position instead and each differing text field becomes a pattern
+    (``zoo/sst2-seed*``). Returns one dict per pooled row, in first-seen order: the identity
+    fields plus ``metrics: {name: {"mean", "std", "n"}}`` over the numeric ``metrics``.
     """
-    pooled: dict[tuple, tuple[dict[str, Any], dict[str, list[float]]]] = {}
-    for rows in rows_per_run:
-        for row in rows or ():
+    runs = [list(rows) for rows in rows_per_run if rows]
+    pooled: dict[tuple, tuple[dict[str, Any], list[Mapping[str, Any]]]] = {}
+    for rows in runs:
+        for row in rows:
             ident = row_identity(row)
-            key = _freeze(ident)
-            if key not in pooled:
-                pooled[key] = ({f: v for f, v in ident}, {})
-            lists = pooled[key][1]
-            for name, value in numeric_metrics(row.get("metrics")).items():
-                lists.setdefault(name, []).append(value)
-    return [{**fields, "metrics": _summarise(lists)} for fields, lists in pooled.values()]
+            pooled.setdefault(_freeze(ident), (dict(ident), []))[1].append(row)
+    complete = all(len(entries) == len(runs) for _, entries in pooled.values())
+    if not complete and len(runs) > 1 and len({len(rows) for rows in runs}) == 1:
+        by_position = []
+        for position in zip(*runs, strict=True):
+            idents = [dict(row_identity(row)) for row in position]
+            fields = idents[0]
+            if any(set(i) != set(fields) for i in idents):
+                break
+            out: dict[str, Any] = {}
+            for name in fields:
+                values = [i[name] for i in idents]
+                if all(v == values[0] for v in values):
+                    out[name] = values[0]
+                elif all(isinstance(v, str) for v in values):
+                    out[name] = _wildcard(values)
+                else:
+                    break
+            else:
+                by_position.append({**out, "metrics": _pool(position)})
+                continue
+            break
+        else:
+            return by_position
+    return [{**fields, "metrics": _pool(entries)} for fields, entries in pooled.values()]
 
 
 def aggregate(

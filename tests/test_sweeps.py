@@ -291,3 +291,34 @@ def test_sweep_refuses_a_folder_holding_another_run(tmp_path):
     with pytest.raises(UserError, match="belongs to another run"):
         run_sweep("fake", {"seed": [1]}, _builder([]), _runner(ran), out, False, None)
     assert ran == []
+
+
+def test_rows_with_seed_specific_paths_pool_by_position():
+    def rows(seed, accs):
+        return [
+            {
+                "model": f"zoo/glue-sst2-seed{seed}-{'ab' if seed == 1 else 'cd'}12",
+                "kind": "individual",
+                "task": "glue/sst2",
+                "split": "validation",
+                "metrics": {"acc": accs[0]},
+            },
+            {
+                "model": "average",
+                "kind": "merged",
+                "task": "glue/sst2",
+                "split": "validation",
+                "metrics": {"acc": accs[1]},
+            },
+        ]
+
+    (group,) = aggregate(
+        [
+            _child("seed=1", {"seed": 1}, {}, rows(1, (0.8, 0.6))),
+            _child("seed=2", {"seed": 2}, {}, rows(2, (0.9, 0.7))),
+        ]
+    )
+    first, second = group["rows"]
+    assert first["model"] == "zoo/glue-sst2-seed*12" and first["metrics"]["acc"]["n"] == 2
+    assert first["metrics"]["acc"]["mean"] == pytest.approx(0.85)
+    assert second["model"] == "average" and second["metrics"]["acc"]["mean"] == pytest.approx(0.65)
