@@ -57,9 +57,8 @@ def print_rows(rows: list[dict], title: str = "results") -> None:
 
 
 def run_eval(settings: EvalSettings) -> dict:
-    from mergekit_lab.data import load_task_data, make_collator
-    from mergekit_lab.evaluation import evaluate
-    from mergekit_lab.models import load_tokenizer, load_trained, resolve_model_ref
+    from mergekit_lab.data import load_task_data
+    from mergekit_lab.models import load_tokenizer, resolve_model_ref
     from mergekit_lab.results import RunOutput
     from mergekit_lab.runtime import make_accelerator
     from mergekit_lab.tasks import canonical_split, get_task
@@ -75,22 +74,19 @@ def run_eval(settings: EvalSettings) -> dict:
     rows = []
     loaded = []
     for name, ref in zip(settings.model.name_or_path, refs):
-        model = load_trained(ref, trust_remote_code=settings.model.trust_remote_code)
+        model = tasks[0].load_trained(ref, trust_remote_code=settings.model.trust_remote_code)
         tok = load_tokenizer(ModelSettings(name_or_path=ref, tokenizer=settings.model.tokenizer,
                                            revision=settings.model.revision,
                                            trust_remote_code=settings.model.trust_remote_code))
         loaded.append((name, model.to(acc.device), tok))
     for name, model, tok in loaded:
         for task in tasks:
-            n = model.config.num_labels
-            if n != task.num_labels:
-                raise UserError(f"model {name!r} has {n} outputs but task {task.name} needs {task.num_labels}",
-                                hint="evaluate each model on the task it was trained for")
+            task.check_model(model, name)
             for split in settings.eval.split:
                 split = canonical_split(split)
                 ds = load_task_data(task, split, data, tok, max_samples=data.max_eval_samples, seed=run.seed)
-                metrics = evaluate(model, task, ds, make_collator(tok), acc, settings.eval.per_device_eval_batch_size,
-                                   description=f"eval {Path(name).name} {task.name} {split}")
+                metrics = task.evaluate(model, ds, tok, accelerator=acc, batch_size=settings.eval.per_device_eval_batch_size,
+                                        description=f"eval {Path(name).name} {task.name} {split}")
                 rows.append({"model": name, "kind": "model", "task": task.name, "split": split,
                              "metrics": metrics, "examples": len(ds)})
     if run.output_dir is not None:

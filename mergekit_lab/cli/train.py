@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from pathlib import Path
@@ -46,13 +45,12 @@ def _link_copy(src: Path, dst: Path) -> None:
 
 def train_model(settings: TrainSettings) -> dict:
     """Fine-tune ``settings.model`` on ``settings.data.task``; returns the results dict."""
-    from mergekit_lab.data import load_task_data, make_collator
-    from mergekit_lab.evaluation import evaluate
-    from mergekit_lab.models import load_model_for_task, load_tokenizer
+    from mergekit_lab.data import load_task_data
+    from mergekit_lab.models import load_tokenizer
     from mergekit_lab.results import RunOutput
     from mergekit_lab.runtime import log, make_accelerator, seed_everything
     from mergekit_lab.tasks import get_task
-    from mergekit_lab.training import default_compute_loss, fit
+    from mergekit_lab.training import fit
 
     run, data, training = settings.run, settings.data, settings.training
     if run.output_dir is None:
@@ -64,21 +62,21 @@ def train_model(settings: TrainSettings) -> dict:
     train_ds = load_task_data(task, "train", data, tokenizer, max_samples=data.max_train_samples, seed=run.seed,
                               k_shot=data.k_shot)
     eval_ds = load_task_data(task, "validation", data, tokenizer, max_samples=data.max_eval_samples, seed=run.seed)
-    model = load_model_for_task(settings.model, task, seed=run.seed, tokenizer=tokenizer)
-    collate = make_collator(tokenizer)
+    model = task.build_model(settings.model, seed=run.seed, tokenizer=tokenizer)
+    collate = task.collator(tokenizer)
     log(f"train {task.name}: {len(train_ds)} train / {len(eval_ds)} validation examples, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
 
     def evaluate_fn(m):
-        return evaluate(m, task, eval_ds, collate, acc, training.per_device_eval_batch_size,
-                        description=f"eval {task.name}")
+        return task.evaluate(m, eval_ds, tokenizer, accelerator=acc, batch_size=training.per_device_eval_batch_size,
+                             description=f"eval {task.name}")
 
     with RunOutput(run.output_dir, "train", settings, overwrite=run.overwrite, resume=run.resume,
                    accelerator=acc) as out:
         result = fit(model, train_ds, training=training, run=run, workdir=out.tmp_dir, collate_fn=collate,
                      evaluate_fn=evaluate_fn, metric_for_best=task.primary_metric,
                      greater_is_better=task.greater_is_better,
-                     compute_loss=functools.partial(default_compute_loss, task=task), accelerator=acc,
+                     compute_loss=task.compute_loss, accelerator=acc,
                      description=f"train {task.name}")
         best = next((h for h in result.history if h.get("step") == result.best_step and
                      any(k.startswith("eval_") for k in h)), None)

@@ -63,7 +63,7 @@ def load_task_data(task, split: str, data, tokenizer, *, max_samples: int | None
     if k_shot:
         ds = ds.select(k_shot_indices(ds["label"], k_shot, seed))
     ds = subsample(ds, max_samples, seed)
-    return encode(task, ds, tokenizer, data.max_seq_length)
+    return task.encode(ds, tokenizer, data.max_seq_length)
 
 
 def make_collator(tokenizer):

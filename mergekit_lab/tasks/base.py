@@ -83,6 +83,49 @@ class Task:
             raise UserError(f"split {split!r} of task {self.name!r} is empty", hint="check the data files")
         return ds
 
+    # -- model, encoding, evaluation (families override these) ---------------------------------
+    def build_model(self, model_settings, *, seed: int = 42, tokenizer=None):
+        """A fresh model with this task's head on the given base model."""
+        from mergekit_lab.models.loading import load_model_for_task
+
+        return load_model_for_task(model_settings, self, seed=seed, tokenizer=tokenizer)
+
+    def load_trained(self, path: str, *, trust_remote_code: bool = False):
+        """Reload a model folder trained on this task."""
+        from mergekit_lab.models.loading import load_trained
+
+        return load_trained(path, trust_remote_code=trust_remote_code)
+
+    def check_model(self, model, name: str) -> None:
+        n = getattr(model.config, "num_labels", None)
+        if n is not None and n != self.num_labels:
+            raise UserError(f"model {name!r} has {n} outputs but task {self.name} needs {self.num_labels}",
+                            hint="evaluate each model on the task it was trained for")
+
+    def encode(self, ds, tokenizer, max_seq_length: int):
+        """Tokenised examples ready for :meth:`collator` (training) and :meth:`evaluate`."""
+        from mergekit_lab.data import encode
+
+        return encode(self, ds, tokenizer, max_seq_length)
+
+    def collator(self, tokenizer):
+        from mergekit_lab.data import make_collator
+
+        return make_collator(tokenizer)
+
+    def compute_loss(self, model, batch):
+        """Training loss of ``model`` on a collated batch (masked BCE / MSE / CE)."""
+        out = model(**{k: v for k, v in batch.items() if k not in ("labels", "label_mask")})
+        return self.loss(out.logits, batch["labels"], batch.get("label_mask"))
+
+    def evaluate(self, model, encoded, tokenizer, *, accelerator=None, batch_size: int = 64,
+                 description: str = "eval") -> dict[str, float]:
+        """Metrics of ``model`` on an encoded split."""
+        from mergekit_lab.evaluation.evaluate import predict
+
+        logits, labels, mask = predict(model, encoded, self.collator(tokenizer), accelerator, batch_size, description)
+        return self.compute_metrics(logits, labels, mask)
+
     # -- loss and metrics ---------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.float()
