@@ -2,7 +2,8 @@
 
 Readers (:class:`TensorSource`) expose names, shapes and dtypes from file headers without
 loading data, and return one tensor at a time. Safetensors files (single file or a sharded
-``model.safetensors.index.json``) are read with ``safe_open``; PyTorch ``.bin`` files are loaded
+``model.safetensors.index.json``) are read with positioned reads of exactly one tensor's bytes
+(no ``mmap``, whose touched pages would stay resident); PyTorch ``.bin`` files are loaded
 with ``torch.load(weights_only=True, mmap=True)`` so that nothing is unpickled and pages are only
 touched when a tensor is used.
 
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from mergekit_lab.errors import UserError
 
@@ -109,39 +109,81 @@ class DictSource(TensorSource):
         return self._t[name]
 
 
+class SafetensorsFile:
+    """One safetensors file read with positioned reads (``os.pread``), not ``mmap``.
+
+    Reading a tensor copies exactly its bytes into a fresh buffer; nothing else of the file is
+    mapped, so the process's resident memory holds only the tensors alive at the moment (a
+    memory-mapped reader would keep every page it touched resident until the file is closed).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.infos, self.offsets, self.metadata, self._data_start = _parse_header(self.path)
+        self._fd: int | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        start, end = self.offsets[name]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        n = end - start
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = os.preadv(self._fd, [view[got:]], self._data_start + start + got)
+            if k <= 0:
+                raise UserError(f"{self.path} is truncated (tensor {name!r})")
+            got += k
+        if n == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class SafetensorsSource(TensorSource):
-    """One or several safetensors files read lazily with ``safe_open`` (headers only until ``get``)."""
+    """One or several safetensors files read lazily (headers only until ``get``)."""
 
     def __init__(self, files: list[Path], label: str):
         self.label = label
-        self._handles = {}
-        self._where: dict[str, Path] = {}
-        self._info: dict[str, TensorInfo] = {}
+        self._files: dict[Path, SafetensorsFile] = {}
+        self._where: dict[str, SafetensorsFile] = {}
         self._order: list[str] = []
         for f in files:
-            for name, info in read_safetensors_header(f).items():
+            sf = SafetensorsFile(f)
+            self._files[f] = sf
+            for name in sf.keys():
                 if name in self._where:
                     raise UserError(f"tensor {name!r} appears in two shards of {label}")
-                self._where[name] = f
-                self._info[name] = info
+                self._where[name] = sf
                 self._order.append(name)
 
     def keys(self) -> list[str]:
         return list(self._order)
 
     def info(self, name: str) -> TensorInfo:
-        return self._info[name]
+        return self._where[name].infos[name]
 
     def get(self, name: str) -> torch.Tensor:
-        f = self._where[name]
-        h = self._handles.get(f)
-        if h is None:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            self._handles[f] = h
-        return h.get_tensor(name)
+        return self._where[name].get(name)
 
     def close(self) -> None:
-        self._handles.clear()
+        for sf in self._files.values():
+            sf.close()
 
 
 class BinSource(TensorSource):
@@ -174,8 +216,7 @@ class BinSource(TensorSource):
         self._t.clear()
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of every tensor in a safetensors file, from its JSON header only."""
+def _parse_header(path: Path):
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
@@ -183,16 +224,25 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise UserError(f"{path} is not a safetensors file (header size {n})")
-        header = json.loads(fh.read(n))
-    out = {}
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise UserError(f"{path} is not a safetensors file (bad header)") from None
+    infos: dict[str, TensorInfo] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    metadata = header.pop("__metadata__", None) or {}
     for name, meta in header.items():
-        if name == "__metadata__":
-            continue
         dt = _ST_DTYPES_REV.get(meta["dtype"])
         if dt is None:
             raise UserError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        out[name] = TensorInfo(tuple(meta["shape"]), dt)
-    return out
+        infos[name] = TensorInfo(tuple(meta["shape"]), dt)
+        offsets[name] = (int(meta["data_offsets"][0]), int(meta["data_offsets"][1]))
+    return infos, offsets, metadata, 8 + n
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of every tensor in a safetensors file, from its JSON header only."""
+    return _parse_header(Path(path))[0]
 
 
 def weight_files(model_dir: Path) -> tuple[str, list[Path]]:

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -407,8 +406,10 @@ class StatisticsFile:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"statistics file {self.path} does not exist")
-        self._h = safe_open(str(self.path), framework="pt", device="cpu")
-        raw = (self._h.metadata() or {}).get(META_KEY)
+        from mergekit_lab.merging.io import SafetensorsFile
+
+        self._h = SafetensorsFile(self.path)
+        raw = (self._h.metadata or {}).get(META_KEY)
         if raw is None:
             raise UserError(f"{self.path} has no '{META_KEY}' metadata; it was not written by mklab")
         self.metadata: dict[str, Any] = json.loads(raw)
@@ -425,7 +426,7 @@ class StatisticsFile:
         return name in self._keys
 
     def get(self, name: str) -> torch.Tensor:
-        return self._h.get_tensor(name)
+        return self._h.get(name)
 
     def layout(self, module: str) -> str | None:
         return self.metadata.get("layouts", {}).get(module)
