@@ -538,8 +538,17 @@ def _pyplot():
     return plt
 
 
+_PLAIN_FIELDS = frozenset({"model", "method", "kind", "run", "task", "split"})
+
+
 def _row_label(table: Table, rk: tuple) -> str:
-    return " ".join("" if v is None else str(v) for v in rk).strip() or "value"
+    """Legend text: names as they are (``regmean``), settings as ``key=value`` (``seed=1``)."""
+    parts = []
+    for name, value in zip(table.row_fields, rk, strict=True):
+        if value is None:
+            continue
+        parts.append(_fmt(value) if name in _PLAIN_FIELDS else f"{name}={_fmt(value)}")
+    return ", ".join(parts) or "value"
 
 
 def plot_bars(table: Table, path: str | Path, title: str | None = None) -> Path:
@@ -563,7 +572,7 @@ def plot_bars(table: Table, path: str | Path, title: str | None = None) -> Path:
     ax.set_xticks(range(n_cols))
     ax.set_xticklabels([table.col_label(j) for j in range(n_cols)], rotation=20, ha="right")
     ax.set_ylabel(table.metric or "score")
-    ax.set_title(title or "scores (error bars: std over seeds)")
+    ax.set_title(title or ("scores (error bars: std over seeds)" if table.has_std else "scores"))
     ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
