@@ -36,8 +36,17 @@ from mergekit_lab.distill.student import extract_student, get_layers
 from mergekit_lab.errors import UserError
 from tests.factories import WORDS, make_tokenizer
 
-
 # ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread avoids oversubscription on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 def _docs(n: int, seed: int = 0, min_words: int = 3, max_words: int = 40) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
