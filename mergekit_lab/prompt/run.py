@@ -130,6 +130,10 @@ def prompt_tune(settings: PromptTuneSettings) -> dict:
     if run.output_dir is None:
         raise UserError("no output folder given", hint="pass --output-dir DIR")
     task = get_task(data.task)
+    if opts.init_from is not None:
+        from mergekit_lab.prompt.io import read_prompt_config
+
+        read_prompt_config(opts.init_from)  # a missing or foreign folder fails before any loading
     acc = make_accelerator(run, training.gradient_accumulation_steps)
     seed_everything(run.seed)
     tokenizer = load_tokenizer(settings.model)

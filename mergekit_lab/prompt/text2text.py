@@ -113,7 +113,7 @@ def label_scores(model, input_ids, attention_mask, targets: list[list[int]]) -> 
     b = input_ids.shape[0]
     cols = []
     for ids in targets:
-        labels = torch.tensor(ids, device=input_ids.device).unsqueeze(0).expand(b, -1)
+        labels = torch.tensor(ids, device=input_ids.device).unsqueeze(0).repeat(b, 1)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits.float()
         logp = F.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         cols.append(logp.sum(dim=-1))
