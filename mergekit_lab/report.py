@@ -3,7 +3,7 @@
 Reading
     :func:`load_records` turns run folders / results.json files into flat *records*: one per
     results row (``model``, ``kind``, ``task``, ``split`` and any other field of the row, e.g.
-    ``method`` or ``num_models``), plus ``run`` (the folder name) and ``command``. A run without
+    ``method``, ``domain`` or ``step``), plus ``run`` (the folder name) and ``command``. A run without
     rows gives one record from its run-level metrics. A sweep (command ``sweep:<cmd>``) gives its
     seed-aggregated rows by default (``metrics`` = means, with ``std`` and ``n``) and each row
     carries the sweep's settings delta as extra fields named by the short key (``learning_rate``);
@@ -307,33 +307,27 @@ def _distinct(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> int
 def default_layout(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
     """Default ``(rows, cols)``.
 
-    cols: ``task`` (+ ``split`` when several). rows: the fields that vary between records, in
-    the order ``run``, ``model``, ``kind``, ``method``, then the rest as first seen (``model``
-    when none varies). When the records come from sweeps, the sweep keys come first and the
-    other fields are added only as far as they are needed to tell the records apart (so a
-    child's folder name in ``model`` does not repeat the learning rate next to it); likewise
-    ``run`` (the folder name) is left out when the other fields already tell the results apart.
+    cols: ``task`` (+ ``split`` when several). rows: first the sweep keys (records from sweeps)
+    or else ``model`` and ``kind``, as far as they vary; then other varying fields, in the order
+    ``method``, the rest as first seen, and ``run`` (the folder name) last, each added only while
+    it is still needed to tell the results apart. So a merge table is ``model, kind`` by task
+    (a row's ``domain`` or ``step`` follows from its model and task), and a sweep's table is its
+    sweep keys (a child's folder name in ``model`` does not repeat them).
     """
     cols = ["task"] + (["split"] if _varying(records, "split") else [])
     sweep: list[str] = []
     for rec in records:
         sweep.extend(f for f in rec.get("_sweep", ()) if f not in sweep)
-    order = ["run", "model", "kind", "method"]
+    order = ["model", "kind", "method"]
     fields = [f for f in order if any(f in r for r in records)]
-    fields += [f for f in _fields_of(records) if f not in fields]
+    fields += [f for f in _fields_of(records) if f not in fields and f != "run"] + ["run"]
     candidates = [f for f in fields if f not in cols and f != "command" and _varying(records, f)]
     target = _distinct(records, candidates + cols)
-    if sweep:
-        rows = [f for f in sweep if f in candidates]
-        for f in [f for f in candidates if f not in rows and f != "run"] + ["run"]:
-            if f in candidates and _distinct(records, rows + cols) < target:
-                rows.append(f)
-    else:
-        rows = candidates
-        if "run" in rows and len(rows) > 1:
-            without = [f for f in rows if f != "run"]
-            if _distinct(records, without + cols) == target:
-                rows = without
+    base = sweep if sweep else ["model", "kind"]
+    rows = [f for f in base if f in candidates]
+    for f in candidates:
+        if f not in rows and _distinct(records, rows + cols) < target:
+            rows.append(f)
     return rows or ["model"], cols
 
 
@@ -402,6 +396,12 @@ def build_table(
         table.cells[(rk, ck)] = Cell(value=rec["metrics"][m], std=std, n=rec.get("n"), metric=m)
     if not table.cells:
         raise UserError("none of the results has the metric to report", hint="choose one with --metric")
+    # columns ordered field by field in first-seen order (task a: its splits, then task b: ...)
+    ranks: list[dict[str, int]] = [{} for _ in cols]
+    for rec in records:
+        for i, name in enumerate(cols):
+            ranks[i].setdefault(json.dumps(rec.get(name), default=str), len(ranks[i]))
+    table.col_keys.sort(key=lambda ck: tuple(ranks[i][json.dumps(v, default=str)] for i, v in enumerate(ck)))
     for ck in table.col_keys:
         ms = col_metric[ck]
         table.col_metrics.append(next(iter(ms)) if len(ms) == 1 else None)
@@ -600,25 +600,37 @@ def _domain(rec: Mapping[str, Any]) -> str | None:
     return None
 
 
-def greedy_points(records: Sequence[Mapping[str, Any]], metric: str | None = None) -> dict:
-    """``{(domain, method): [(num_models, mean score), ...]}`` from greedy rows.
+def _greedy_step(rec: Mapping[str, Any]) -> int | None:
+    for name in ("step", "num_models"):
+        k = rec.get(name)
+        if isinstance(k, int) and not isinstance(k, bool):
+            return k
+    return None
 
-    Reads rows that have an integer ``num_models``; the line is the row's ``method`` (else its
-    ``model``), the panel its domain (``domain`` = ``in``/``ood``, or boolean ``ood`` /
-    ``in_domain``; rows without one go to ``in``). The score at each step is the mean over that
-    step's rows (tasks) of ``metric`` or each task's first metric.
+
+def greedy_points(records: Sequence[Mapping[str, Any]], metric: str | None = None) -> dict:
+    """``{(domain, line): [(models merged, mean score), ...]}`` from greedy rows.
+
+    ``mklab merge --strategy greedy`` writes one row per (step, method or baseline, task, split)
+    with ``step`` = the number of models merged, ``method`` (merged rows), ``kind``
+    (``merged``/``ensemble``/``multitask``) and ``domain`` (``in``/``ood``). Rows with an integer
+    ``step`` (or ``num_models``) are read; the line is the row's ``method``, else its ``kind``;
+    the panel its ``domain`` (or a boolean ``ood``/``in_domain``; none: ``in``). The score at a
+    step is the mean over that step's rows (tasks) of ``metric`` or each task's first metric,
+    on the first split seen.
     """
     first = _first_metrics(records)
+    split0 = next((r.get("split") for r in records if _greedy_step(r) is not None), None)
     acc: dict[tuple, dict[int, list[float]]] = {}
     for rec in records:
-        k = rec.get("num_models")
-        if not isinstance(k, int) or isinstance(k, bool):
+        k = _greedy_step(rec)
+        if k is None or rec.get("split") != split0:
             continue
         m = metric or first.get(rec.get("task"))
         if m not in rec["metrics"]:
             continue
         dom = _domain(rec) or "in"
-        method = str(rec.get("method") or rec.get("model"))
+        method = str(rec.get("method") or rec.get("kind") or rec.get("model"))
         acc.setdefault((dom, method), {}).setdefault(k, []).append(rec["metrics"][m])
     return {key: sorted((k, sum(v) / len(v)) for k, v in steps.items()) for key, steps in acc.items()}
 
@@ -627,11 +639,13 @@ def plot_greedy_curve(
     records: Sequence[Mapping[str, Any]], path: str | Path, metric: str | None = None
 ) -> Path | None:
     """Score against number of models merged, one line per method; panels in-domain and OOD
-    (see :func:`greedy_points`). Returns None (no file) when no row has ``num_models``."""
+    (see :func:`greedy_points`). Returns None (no file) when no row has a greedy ``step``."""
     points = greedy_points(records, metric)
     if not points:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     path = Path(path)
     domains = [d for d in ("in", "ood") if any(k[0] == d for k in points)]
     fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4), squeeze=False)
@@ -640,6 +654,7 @@ def plot_greedy_curve(
             if d != dom:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("number of models merged")
         ax.set_ylabel(metric or "score (each task's metric, averaged)")
         ax.set_title("in-domain" if dom == "in" else "out-of-domain")

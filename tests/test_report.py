@@ -233,40 +233,79 @@ def _png_ok(path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _greedy_run(tmp_path) -> Path:
+    """Rows as `mklab merge --strategy greedy` writes them (merging/experiment.py add_rows)."""
+    names = ["a", "b", "c", "d"]
+    rows = [_row(n, "individual", f"emotion/{n}", {"f1": 0.7}, domain="in", models=[n]) for n in names[:3]]
+    for k in (2, 3):
+        combo = names[:k]
+        label = "+".join(combo)
+        for task in ("emotion/a", "emotion/b", "emotion/d"):
+            dom = "in" if task.split("/")[1] in combo else "ood"
+            for method, base in (("average", 0.5), ("regmean", 0.6)):
+                rows.append(
+                    _row(
+                        f"{method}[{label}]",
+                        "merged",
+                        task,
+                        {"f1": base - 0.02 * k, "precision": 0.0},
+                        domain=dom,
+                        models=combo,
+                        method=method,
+                        step=k,
+                    )
+                )
+            rows.append(
+                _row(
+                    f"ensemble[{label}]",
+                    "ensemble",
+                    task,
+                    {"f1": 0.4 + 0.01 * k},
+                    domain=dom,
+                    models=combo,
+                    step=k,
+                )
+            )
+            rows.append(
+                _row(
+                    f"ensemble[{label}]",
+                    "ensemble",
+                    task,
+                    {"f1": 0.0},
+                    split="test",
+                    domain=dom,
+                    models=combo,
+                    step=k,
+                )
+            )
+    return _write(tmp_path / "greedy", {"schema_version": 1, "command": "merge", "metrics": {}, "rows": rows})
+
+
 def test_plots_written(tmp_path, merge_run):
     parent = _sweep_parent(tmp_path)
     _png_ok(plot_bars(build_table(load_records([parent])), tmp_path / "p" / "bars.png"))
-    greedy_rows = []
-    for method, base in (("average", 0.5), ("regmean", 0.6)):
-        for k in (2, 3, 4):
-            for task, dom in (("emotion/a", "in"), ("emotion/b", "in"), ("emotion/c", "ood")):
-                greedy_rows.append(
-                    _row(
-                        f"{method}-{k}",
-                        "merged",
-                        task,
-                        {"f1": base - 0.02 * k},
-                        method=method,
-                        num_models=k,
-                        domain=dom,
-                    )
-                )
-    run = _write(
-        tmp_path / "greedy", {"schema_version": 1, "command": "merge", "metrics": {}, "rows": greedy_rows}
-    )
-    records = load_records([run])
+    records = load_records([_greedy_run(tmp_path)])
     from mergekit_lab.report import greedy_points
 
     pts = greedy_points(records)
-    assert pts[("in", "regmean")] == [
-        (2, pytest.approx(0.56)),
-        (3, pytest.approx(0.54)),
-        (4, pytest.approx(0.52)),
-    ]
-    assert set(pts) == {("in", "average"), ("in", "regmean"), ("ood", "average"), ("ood", "regmean")}
+    # step 2 merges a+b: emotion/a and emotion/b are in-domain, emotion/d is OOD
+    assert pts[("in", "regmean")] == [(2, pytest.approx(0.56)), (3, pytest.approx(0.54))]
+    assert pts[("ood", "average")] == [(2, pytest.approx(0.46)), (3, pytest.approx(0.44))]
+    assert pts[("in", "ensemble")] == [
+        (2, pytest.approx(0.42)),
+        (3, pytest.approx(0.43)),
+    ]  # test split ignored
+    assert set(pts) == {(d, m) for d in ("in", "ood") for m in ("average", "regmean", "ensemble")}
     _png_ok(plot_greedy_curve(records, tmp_path / "p" / "greedy.png"))
     assert plot_greedy_curve(load_records([merge_run]), tmp_path / "p" / "none.png") is None
     _png_ok(plot_heatmap(["a", "b"], ["a", "b"], [[None, 0.7], [0.3, None]], tmp_path / "p" / "heat.png"))
+
+
+def test_greedy_merge_table_default_layout(tmp_path):
+    table = build_table(load_records([_greedy_run(tmp_path)]))
+    # domain and step follow from model and task: rows stay model, kind; the splits become columns
+    assert table.row_fields == ["model", "kind"] and table.col_fields == ["task", "split"]
+    assert table.row_keys[3] == ("average[a+b]", "merged")
 
 
 def test_similarity_layouts(tmp_path):
