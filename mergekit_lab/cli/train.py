@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from pydantic import Field
 
+from mergekit_lab.delta.settings import DeltaSettings
 from mergekit_lab.errors import UserError
 from mergekit_lab.settings import (
     CommandSettings,
@@ -30,6 +31,7 @@ class TrainSettings(CommandSettings):
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     training: TrainingSettings = TrainingSettings()
+    delta: DeltaSettings = DeltaSettings()
     zoo: ZooSettings = ZooSettings()
 
 
@@ -48,14 +50,20 @@ def train_model(settings: TrainSettings) -> dict:
     from mergekit_lab.data import load_task_data
     from mergekit_lab.models import load_tokenizer
     from mergekit_lab.results import RunOutput
-    from mergekit_lab.runtime import log, make_accelerator, seed_everything
+    from mergekit_lab.runtime import log, make_accelerator, seed_everything, set_quiet
     from mergekit_lab.tasks import get_task
     from mergekit_lab.training import fit
 
     run, data, training = settings.run, settings.data, settings.training
+    set_quiet(run.quiet)
     if run.output_dir is None:
         raise UserError("no output folder given", hint="pass --output-dir DIR")
     task = get_task(data.task)
+    if settings.delta.active:  # PEFT seam: the backbone of --peft-init when --model is not given
+        from mergekit_lab.delta.train import fill_base_model
+
+        settings = settings.model_copy(deep=True)
+        fill_base_model(settings)
     acc = make_accelerator(run, training.gradient_accumulation_steps)
     seed_everything(run.seed)
     tokenizer = load_tokenizer(settings.model)
@@ -63,6 +71,10 @@ def train_model(settings: TrainSettings) -> dict:
                               k_shot=data.k_shot)
     eval_ds = load_task_data(task, "validation", data, tokenizer, max_samples=data.max_eval_samples, seed=run.seed)
     model = task.build_model(settings.model, seed=run.seed, tokenizer=tokenizer)
+    if settings.delta.active:  # PEFT seam: frozen backbone + LoRA / prefix / adapter (or --peft-init)
+        from mergekit_lab.delta.train import prepare_model
+
+        model = prepare_model(model, settings.delta, seed=run.seed)
     collate = task.collator(tokenizer)
     log(f"train {task.name}: {len(train_ds)} train / {len(eval_ds)} validation examples, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
@@ -81,7 +93,12 @@ def train_model(settings: TrainSettings) -> dict:
         best = next((h for h in result.history if h.get("step") == result.best_step and
                      any(k.startswith("eval_") for k in h)), None)
         metrics = {k[5:]: v for k, v in (best or {}).items() if k.startswith("eval_")}
-        if acc.is_main_process:
+        if acc.is_main_process and settings.delta.active:  # PEFT seam: the module folder, not the model
+            from mergekit_lab.delta.train import save_trained
+
+            save_trained(acc.unwrap_model(model), out.tmp_dir, base_model=settings.model.name_or_path, task=task)
+            tokenizer.save_pretrained(out.tmp_dir)
+        elif acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(out.tmp_dir, safe_serialization=True)
             tokenizer.save_pretrained(out.tmp_dir)
         out.metrics = {"validation": metrics, "train_loss": result.train_loss}
