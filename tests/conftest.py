@@ -8,7 +8,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mergekit_lab.cli.app import _quiet_libraries  # noqa: E402
 from tests.factories import SHARED, make_glue_cola, make_glue_sst2, make_tiny_bert  # noqa: E402
+
+_quiet_libraries()
 
 
 @pytest.fixture(scope="session")
