@@ -509,15 +509,16 @@ def to_json(table: Table) -> str:
 
 def to_rich(table: Table, title: str | None = None):
     """A :class:`rich.table.Table`; the best value per column in bold green."""
+    from rich.markup import escape
     from rich.table import Table as RichTable
 
-    rt = RichTable(title=title)
+    rt = RichTable(title=escape(title) if title else None)
     for name in table.row_fields:
-        rt.add_column(name)
+        rt.add_column(escape(name))
     for j in range(len(table.col_keys)):
-        rt.add_column(table.col_label(j), justify="right")
+        rt.add_column(escape(table.col_label(j)), justify="right")
     for i, rk in enumerate(table.row_keys):
-        cells = [_fmt(v) for v in rk]
+        cells = [escape(_fmt(v)) for v in rk]  # labels like regmean[a+b] are not markup
         for j in range(len(table.col_keys)):
             cell = table.cell(i, j)
             text = _cell_text(cell)

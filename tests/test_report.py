@@ -22,6 +22,7 @@ from mergekit_lab.report import (
     to_csv,
     to_json,
     to_markdown,
+    to_rich,
 )
 
 
@@ -365,3 +366,12 @@ def test_default_layout_prefers_sweep_keys_over_child_paths(tmp_path):
     assert table.row_fields == ["learning_rate"] and table.col_fields == ["task"]
     merged = build_table(load_records([parent, tmp_path / "sw" / "learning_rate=0.1,seed=1"]))
     assert merged.row_fields[0] == "learning_rate" and len(merged.row_keys) == 3
+
+
+def test_rich_table_keeps_bracketed_labels(tmp_path):
+    from rich.console import Console
+
+    table = build_table(load_records([_greedy_run(tmp_path)]), metric="f1")
+    console = Console(width=300, record=True)
+    console.print(to_rich(table))
+    assert "regmean[a+b+c]" in console.export_text()
