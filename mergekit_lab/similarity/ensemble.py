@@ -9,12 +9,15 @@ linear combination does, gives ``sum_ij w_i w_j B_i A_j`` with cross terms inste
 Task heads are not ensembled (sources have their own label spaces): the output folder holds the
 delta tensors only, and ``mklab train --peft-init`` puts a fresh head for the target on it.
 
-Hook for ``mklab merge`` when its inputs are module folders::
+Hook for ``mklab merge`` when its inputs are module folders (in ``run_merge``, inside its RunOutput)::
 
-    from mergekit_lab.similarity.ensemble import is_module_pool, ensemble_modules
-    if is_module_pool(models):
-        report = ensemble_modules(models, output_dir, weights=weights_list_or_None,
-                                  weights_file=path_or_None, lora_exact=False, rank=None)
+    from mergekit_lab.similarity.ensemble import is_module_pool, run_module_merge
+    if is_module_pool(settings.model.models):
+        res = run_module_merge(settings, out.tmp_dir)      # the module folder is the output folder
+    else:
+        res = run_merge_experiment(settings, out.tmp_dir)
+
+(:func:`ensemble_modules` is the library call underneath.)
 """
 
 from __future__ import annotations
@@ -202,3 +205,63 @@ def ensemble_modules(models: list[str | Path], output_dir: str | Path, *, weight
             if src.is_file():
                 shutil.copy2(src, dst / name)
     return report
+
+
+def _plain_weights(path: Path, folders: list[Path]) -> list[float]:
+    """A merge weights file that is a list (one per model) or a mapping folder name/path -> weight."""
+    data = json.loads(path.read_text())
+    if isinstance(data, list):
+        return [float(x) for x in data]
+    if isinstance(data, dict) and "format" not in data:
+        out = []
+        for f in folders:
+            for key in (str(f), str(f.resolve()), f.name):
+                if key in data:
+                    out.append(float(data[key]))
+                    break
+            else:
+                raise UserError(f"weights file {str(path)!r} has no weight for module {str(f)!r}",
+                                hint=f"keys: {', '.join(map(str, data))}")
+        if len(data) != len(folders):
+            raise UserError(f"weights file {str(path)!r} names {len(data)} models, {len(folders)} were given")
+        return out
+    raise UserError(f"weights file {str(path)!r} is neither a list, a mapping nor an mklab similarity weights file")
+
+
+def run_module_merge(settings, output_dir: str | Path) -> dict[str, Any]:
+    """``mklab merge`` on module folders: the ensembled module goes into ``output_dir`` itself.
+
+    Only ``--method average`` applies (per-tensor weighted average); ``--method-params
+    '{exact: true, rank: 8}'`` selects the exact LoRA product-delta ensembling. ``--weights`` is a
+    weights.json from ``mklab similarity`` or a plain list / mapping. Returns the dict shape of
+    the merge experiment (rows, metrics, extra); no evaluation (the module is an initialisation).
+    """
+    methods = list(settings.merge.method)
+    if methods != ["average"]:
+        raise UserError(f"module folders are ensembled with --method average, not {', '.join(methods)}",
+                        hint="pass --method average (and --method-params '{exact: true}' for exact LoRA)")
+    params = dict(settings.merge.method_params or {})
+    params = params.get("average", params) if isinstance(params.get("average"), dict) else params
+    unknown = sorted(set(params) - {"exact", "rank"})
+    if unknown:
+        raise UserError(f"unknown parameter(s) {', '.join(unknown)} for ensembling module folders",
+                        hint="module ensembling takes exact (bool, LoRA only) and rank (int)")
+    models = [Path(m) for m in settings.model.models]
+    weights, weights_file = None, None
+    wpath = settings.merge.weights
+    if wpath is not None:
+        wpath = Path(wpath)
+        try:
+            raw = json.loads(wpath.read_text())
+        except FileNotFoundError:
+            raise UserError(f"weights file {str(wpath)!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"weights file {str(wpath)!r} is not valid JSON: {e}") from None
+        if isinstance(raw, dict) and "format" in raw:
+            weights_file = wpath
+        else:
+            weights = _plain_weights(wpath, models)
+    report = ensemble_modules(models, output_dir, weights=weights, weights_file=weights_file,
+                              lora_exact=bool(params.get("exact", False)), rank=params.get("rank"))
+    return {"rows": [], "metrics": {"ensemble": report},
+            "extra": {"module_ensemble": report, "weights_file": str(wpath) if wpath else None}}

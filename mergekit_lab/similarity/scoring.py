@@ -48,6 +48,7 @@ class Outputs:
 
 @dataclass
 class Reference:
+    state: dict[str, torch.Tensor]  # the tuned module's tensors (delta + head), folder names
     logits: torch.Tensor
     delta: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
@@ -83,10 +84,13 @@ class TargetContext:
     _reference: Reference | None = None
     _zero_shot: float | None = None
     _train: Any = None
+    _collate: Any = None
 
     # -- helpers -----------------------------------------------------------------------------
     def collate(self, features):
-        return self.task.collator(self.tokenizer)(features)
+        if self._collate is None:
+            self._collate = self.task.collator(self.tokenizer)
+        return self._collate(features)
 
     def train_data(self):
         if self._train is None:
@@ -140,7 +144,7 @@ class TargetContext:
                         break
                 head[k] = v
         logits = self._predict(model).logits
-        self._reference = Reference(logits, delta, head, secs)
+        self._reference = Reference(state, logits, delta, head, secs)
         if self.head == "reference" and head:
             own = self.base.state_dict()
             unknown = [k for k in head if k not in own]
