@@ -402,18 +402,23 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def _say(console: Any, message: str) -> None:
-    if console is not None:
-        console.print(message)
-    else:
-        try:
-            from mergekit_lab.runtime import log
-        except ImportError:
-            import logging
+def _say(console: Any, message: str, *, force: bool = False) -> None:
+    """A progress line: through ``runtime.log`` (rank 0, respects --quiet unless ``force``) when
+    ``console`` is the runtime console or None; other consoles (tests) get every line."""
+    from rich.markup import escape
 
-            logging.getLogger(__name__).info(message)
-        else:
-            log(message)
+    from mergekit_lab import runtime
+
+    if console is not None and console is not runtime.console:
+        console.print(escape(message), highlight=False)
+    else:
+        runtime.log(escape(message), force=force)
+
+
+def _is_main_process() -> bool:
+    from mergekit_lab.runtime import is_main_process
+
+    return is_main_process()
 
 
 def _settings_dump(settings: Any) -> Any:
@@ -504,10 +509,14 @@ def run_sweep(
 
     if dry_run:
         n_done = sum(c["done"] for c in children)
-        _say(console, f"sweep {command}: {len(children)} runs under {output_dir} ({n_done} already finished)")
+        _say(
+            console,
+            f"sweep {command}: {len(children)} runs under {output_dir} ({n_done} already finished)",
+            force=True,
+        )
         for i, child in enumerate(children, 1):
             state = "done, skipped" if child["done"] else "to run"
-            _say(console, f"  {i:>3}. {child['name']}  [{state}]")
+            _say(console, f"  {i:>3}. {child['name']}  [{state}]", force=True)
         return {
             "command": f"sweep:{command}",
             "dry_run": True,
@@ -586,7 +595,8 @@ def run_sweep(
             "aggregates": groups,
         }
     )
-    _write_json(output_dir / "results.json", parent)
+    if _is_main_process():  # under accelerate/torchrun every rank runs the sweep; one writes
+        _write_json(output_dir / "results.json", parent)
     _say(console, f"sweep {command}: {len(records)} runs, results in {output_dir / 'results.json'}")
     return parent
 

@@ -234,7 +234,7 @@ def test_dry_run_lists_and_runs_nothing(tmp_path):
     messages: list[str] = []
 
     class Console:
-        def print(self, msg):
+        def print(self, msg, **kwargs):
             messages.append(str(msg))
 
     out = run_sweep("fake", {"seed": [1, 2]}, _builder([]), _runner(ran), tmp_path / "sw", True, Console())
