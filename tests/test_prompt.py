@@ -504,3 +504,41 @@ def test_tiny_models_train_with_falling_loss(arch, method):
     assert losses[-1] < 0.9 * losses[0] and min(losses[-5:]) < min(losses[:5]), losses
     if method == "dept":
         assert torch.count_nonzero(pm.lora_embedding_B) > 0  # the low-rank part was trained
+
+
+def test_llama_backbone_matches_peft_and_ignores_padding():
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        max_position_embeddings=128,
+    )
+    ids, mask = batch(lengths=(6, 6, 6))
+    for cls, task in ((LlamaForSequenceClassification, "SEQ_CLS"), (LlamaForCausalLM, "CAUSAL_LM")):
+        torch.manual_seed(0)
+        base = cls(cfg).eval()
+        dept = build_prompt_model(
+            copy.deepcopy(base), "dept", num_virtual_tokens=3, r=2, max_length=8, init="vocab"
+        )
+        peft = peft_pt_like(base, dept, task)
+        if task == "SEQ_CLS":
+            with torch.no_grad():
+                peft.base_model.score.modules_to_save["default"].weight.copy_(dept.base_model.score.weight)
+        with torch.no_grad():
+            a = dept(input_ids=ids, attention_mask=mask).logits
+            c = peft(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(a, c if task == "SEQ_CLS" else c[:, 3:], rtol=1e-5, atol=1e-6)
+        pids, pmask = batch(lengths=(6, 4, 2))
+        with torch.no_grad():
+            dept.lora_embedding_B.normal_()
+            together = dept(input_ids=pids, attention_mask=pmask).logits
+            alone = [dept(input_ids=pids[i : i + 1, :n]).logits for i, n in enumerate((6, 4, 2))]
+        for i, n in enumerate((6, 4, 2)):
+            got = together[i : i + 1] if task == "SEQ_CLS" else together[i : i + 1, :n]
+            torch.testing.assert_close(got, alone[i], rtol=1e-5, atol=1e-5)

@@ -108,9 +108,11 @@ def test_dept_on_bert_classifier_end_to_end(tiny_bert, glue_dir, tmp_path):
     assert [h["step"] for h in data["training"]["history"] if "eval_accuracy" in h] == [3, 6]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "DEPT" and cfg["max_length"] == 24
-    # `mklab eval --model BASE --adapter DIR` path: the saved best module reproduces the best dev metric
+    # `mklab eval --adapter DIR` path (base model read from the folder): the saved best module
+    # reproduces the best dev metric
+    assert cfg["base_model_name_or_path"] == str(tiny_bert)
     metrics = evaluate_prompt_adapter(
-        ModelSettings(name_or_path=str(tiny_bert)),
+        ModelSettings(),
         out,
         get_task("glue/sst2"),
         "validation",

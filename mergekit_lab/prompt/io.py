@@ -118,6 +118,11 @@ def read_prompt_config(directory) -> PromptTuningConfig:
     return cls(**kwargs)
 
 
+def adapter_base_model(directory) -> str | None:
+    """The base model reference recorded in a PT/DePT folder (``base_model_name_or_path``)."""
+    return read_prompt_config(directory).base_model_name_or_path or None
+
+
 def read_prompt_tensors(directory) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():

@@ -327,9 +327,16 @@ def evaluate_prompt_adapter(
 ) -> dict[str, float]:
     """Metrics of the PT/DePT module in ``adapter_dir`` on ``model_settings``'s model for one split.
 
-    This is what ``mklab eval --model BASE --adapter DIR`` calls."""
+    This is what ``mklab eval --model BASE --adapter DIR`` calls. Without a model name the base
+    recorded in the adapter folder (``base_model_name_or_path``) is used."""
     from mergekit_lab.models import load_tokenizer
+    from mergekit_lab.prompt.io import adapter_base_model
 
+    if not model_settings.name_or_path:
+        recorded = adapter_base_model(adapter_dir)
+        if not recorded:
+            raise UserError(f"no base model given for adapter {adapter_dir}", hint="pass --model BASE")
+        model_settings = model_settings.model_copy(update={"name_or_path": recorded})
     tokenizer = load_tokenizer(model_settings)
     model, t2t = load_prompt_model_for_task(model_settings, adapter_dir, task, tokenizer=tokenizer, seed=seed)
     if accelerator is not None:
