@@ -177,3 +177,16 @@ def test_two_process_torchrun_distillation(setup, tmp_path):
     assert len(lines) == 3  # written once (rank 0), not once per process
     # tokens seen count both processes' batches
     assert json.loads(lines[-1])["tokens_seen"] == res["distill"]["tokens_seen"]
+
+
+def test_fit_mlm_head_trains_only_the_head(setup, tmp_path):
+    d = setup
+    _cli("fit-mlm-head", "--model", d / "teacher", "--data", d / "bin", "--output", tmp_path / "h",
+         "--max-steps", "30", "--batch-size", "8", "--max-seq-length", "32", "--learning-rate", "3e-3", "--quiet")
+    before = load_file(d / "teacher" / "model.safetensors")
+    after = load_file(tmp_path / "h" / "model.safetensors")
+    assert torch.equal(before["bert.encoder.layer.3.output.dense.weight"], after["bert.encoder.layer.3.output.dense.weight"])
+    assert torch.equal(before["bert.embeddings.word_embeddings.weight"], after["bert.embeddings.word_embeddings.weight"])
+    assert not torch.equal(before["cls.predictions.transform.dense.weight"], after["cls.predictions.transform.dense.weight"])
+    stats = json.loads((tmp_path / "h" / "results.json").read_text())["metrics"]
+    assert stats["final_mlm_loss"] < stats["first_mlm_loss"]

@@ -1,4 +1,4 @@
-"""`mklab binarize`, `count-tokens`, `extract-student`, `distill`: thin wrappers over mergekit_lab.distill."""
+"""`mklab binarize`, `count-tokens`, `extract-student`, `fit-mlm-head`, `distill`: thin wrappers over mergekit_lab.distill."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def _extract(settings):
     run_extract_student(settings)
 
 
+def _head(settings):
+    from mergekit_lab.distill.run import run_fit_mlm_head
+
+    run_fit_mlm_head(settings)
+
+
 def _distill(settings):
     from mergekit_lab.distill.run import run_distill
 
@@ -36,6 +42,7 @@ def register(app: typer.Typer) -> None:
         CountTokensSettings,
         DistillSettings,
         ExtractStudentSettings,
+        FitMlmHeadSettings,
     )
 
     register_command(app, "binarize", BinarizeSettings, _binarize,
@@ -44,6 +51,8 @@ def register(app: typer.Typer) -> None:
                      help="Count tokens per vocabulary id of a binarized corpus (for MLM masking).")
     register_command(app, "extract-student", ExtractStudentSettings, _extract,
                      help="Initialise a k-layer student (same architecture or DistilBERT) from a teacher's layers.")
+    register_command(app, "fit-mlm-head", FitMlmHeadSettings, _head,
+                     help="Train a masked-LM head for an encoder without one (e.g. builtin:minilm) so it can teach.")
     register_command(app, "distill", DistillSettings, _distill,
                      help="Distil a teacher into a student (DistilBERT losses, optionally DIITO interchange "
                           "intervention losses) on Accelerate.")

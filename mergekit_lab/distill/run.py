@@ -11,6 +11,7 @@ from mergekit_lab.distill.settings import (
     CountTokensSettings,
     DistillSettings,
     ExtractStudentSettings,
+    FitMlmHeadSettings,
 )
 from mergekit_lab.errors import UserError
 
@@ -132,6 +133,32 @@ def run_extract_student(settings: ExtractStudentSettings) -> dict:
              student=info)
     log(f"student {type(student).__name__} with teacher layers {layers} ({n_params:,} parameters) -> {o.output}")
     return info
+
+
+def run_fit_mlm_head(settings: FitMlmHeadSettings) -> dict:
+    from mergekit_lab.distill.io import atomic_output_dir
+    from mergekit_lab.distill.mlm_head import fit_mlm_head
+    from mergekit_lab.distill.student import save_student
+    from mergekit_lab.runtime import log, progress, set_quiet
+
+    o = settings.head
+    set_quiet(o.quiet)
+    if o.model is None or o.data is None or o.output is None:
+        raise UserError("fit-mlm-head needs --model, --data (binarized corpus) and --output")
+    if o.output.exists() and not o.overwrite:
+        raise UserError(f"output {o.output} already exists", hint="choose another path or pass --overwrite")
+    start = time.time()
+    with progress("fit-mlm-head", o.max_steps) as advance:
+        model, stats = fit_mlm_head(o.model, o.data, token_counts=o.token_counts, max_steps=o.max_steps,
+                                    batch_size=o.batch_size, max_seq_length=o.max_seq_length,
+                                    learning_rate=o.learning_rate, unfreeze_layers=o.unfreeze_layers, seed=o.seed,
+                                    progress=lambda step, loss: advance(1, mlm_loss=f"{loss:.3f}"))
+    with atomic_output_dir(o.output, overwrite=o.overwrite) as tmp:
+        save_student(model, tmp, tokenizer_ref=o.model, extra={"base_model": o.model, "mlm_head": stats})
+    _results(o.output, "fit-mlm-head", settings, start, metrics=stats, artifacts={"model": "."})
+    log(f"MLM head trained for {stats['steps']} steps: loss {stats['first_mlm_loss']:.3f} -> "
+        f"{stats['final_mlm_loss']:.3f} -> {o.output}")
+    return stats
 
 
 def run_distill(settings: DistillSettings) -> dict:

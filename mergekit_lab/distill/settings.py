@@ -69,6 +69,25 @@ class ExtractStudentSettings(CommandSettings):
     extract: ExtractStudentOptions = ExtractStudentOptions()
 
 
+class FitMlmHeadOptions(Section):
+    model: str | None = Field(None, description="Encoder without a (good) MLM head, e.g. builtin:minilm.")
+    data: Path | None = Field(None, description="Binarized corpus (same tokenizer) to train the head on.")
+    token_counts: Path | None = Field(None, description="Token counts for the masking probabilities (optional).")
+    output: Path | None = Field(None, description="Output folder (a masked-LM Hugging Face folder).")
+    max_steps: int = Field(300, gt=0, description="Training steps.")
+    batch_size: int = Field(32, gt=0, description="Sequences per step.")
+    max_seq_length: int = Field(128, gt=2, description="Split longer sequences.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    unfreeze_layers: int = Field(0, ge=0, description="Also train the top N encoder blocks (0: head only).")
+    seed: int = Field(0, description="Random seed.")
+    overwrite: bool = Field(False, description="Replace an existing output folder.")
+    quiet: bool = Field(False, description="No progress bar.")
+
+
+class FitMlmHeadSettings(CommandSettings):
+    head: FitMlmHeadOptions = FitMlmHeadOptions()
+
+
 # --------------------------------------------------------------------------- distill
 class DistillModels(Section):
     teacher: str | None = Field(None, description="Teacher LM (masked LM with head, or GPT-2).")
