@@ -186,21 +186,25 @@ def load_records(paths: Iterable[str | Path], *, children: bool = False) -> list
 
 
 def find_similarity(paths: Iterable[str | Path]) -> list[tuple[str, list[str], list[str], list[list[Any]]]]:
-    """Similarity weight matrices among the inputs: ``[(name, targets, sources, matrix)]``.
+    """Similarity weight matrices among the inputs: ``[(file, targets, sources, matrix)]``.
 
-    Looked for in each input's results.json (key ``weights``) and in a ``weights.json`` next to it
-    (or given directly). Accepted layouts of ``weights``: a matrix (list of rows) with ``targets``
-    and ``sources`` name lists beside it; ``{target: {source: w}}``; or ``{source: w}`` with a
-    ``target`` name beside it (one row). Rows are targets, columns sources.
+    Looked for in each input's results.json (key ``weights``) and in the ``weights*.json``
+    files of its folder (or a weights file given directly). Layouts read (rows are targets,
+    columns sources):
+
+    - ``mklab similarity --all-targets``: ``{"matrix": {target: {source: w}}, "columns": [...]}``;
+    - ``mklab similarity`` (one target): ``{"target": name, "weights": {source: w}}`` (one row);
+    - ``{"weights": [[...]], "targets": [...], "sources": [...]}`` or ``{"weights": {target: {source: w}}}``.
     """
     found = []
     for p in paths:
         path = Path(p)
-        candidates = []
         if path.is_dir():
-            candidates = [path / RESULTS_FILE, path / WEIGHTS_FILE]
+            candidates = [path / RESULTS_FILE, *sorted(path.glob("weights*.json"))]
+        elif path.name == RESULTS_FILE:
+            candidates = [path, *sorted(path.parent.glob("weights*.json"))]
         else:
-            candidates = [path] + ([path.parent / WEIGHTS_FILE] if path.name == RESULTS_FILE else [])
+            candidates = [path]
         for file in candidates:
             if not file.is_file():
                 continue
@@ -208,16 +212,22 @@ def find_similarity(paths: Iterable[str | Path]) -> list[tuple[str, list[str], l
                 data = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise UserError(f"unreadable similarity file {str(file)!r}: {exc}") from None
-            if isinstance(data, dict) and "weights" in data:
+            if isinstance(data, dict) and ("weights" in data or "matrix" in data):
                 parsed = _parse_weights(data, file)
                 if parsed is not None:
                     found.append((str(file), *parsed))
-                    break
     return found
 
 
 def _parse_weights(data: Mapping[str, Any], file: Path):
-    weights = data["weights"]
+    matrix = data.get("matrix")
+    if isinstance(matrix, dict) and matrix and all(isinstance(v, dict) for v in matrix.values()):
+        targets = [str(t) for t in matrix]
+        sources = [str(c) for c in data.get("columns") or []]
+        for row in matrix.values():
+            sources.extend(str(c) for c in row if str(c) not in sources)
+        return targets, sources, [[matrix[t].get(c) for c in sources] for t in matrix]
+    weights = data.get("weights")
     if isinstance(weights, list):
         targets = data.get("targets")
         sources = data.get("sources")

@@ -320,8 +320,34 @@ def test_similarity_layouts(tmp_path):
     )
     with pytest.raises(UserError, match="2 targets x 2 sources"):
         find_similarity([d])
-    (d / "weights.json").write_text(json.dumps({"target": "rte", "weights": {"sst2": 0.25, "cola": 0.75}}))
-    assert find_similarity([d])[0][1:] == (["rte"], ["sst2", "cola"], [[0.25, 0.75]])
+    # as `mklab similarity` writes them: one target, and the --all-targets matrix
+    (d / "weights.json").write_text(
+        json.dumps(
+            {
+                "format": "mklab-similarity-weights",
+                "target": "glue/rte",
+                "weights": {"sst2": 0.25, "cola": 0.75},
+            }
+        )
+    )
+    assert find_similarity([d])[0][1:] == (["glue/rte"], ["sst2", "cola"], [[0.25, 0.75]])
+    (d / "weights_loss.json").write_text(
+        json.dumps(
+            {
+                "format": "mklab-similarity-weights-matrix",
+                "rows": "targets",
+                "columns": ["sst2", "cola", "rte"],
+                "matrix": {"glue/sst2": {"cola": 0.5, "rte": 0.5}, "glue/rte": {"sst2": 0.9, "cola": 0.1}},
+            }
+        )
+    )
+    found = find_similarity([d])
+    assert [Path(f).name for f, *_ in found] == ["weights.json", "weights_loss.json"]
+    assert found[1][1:] == (
+        ["glue/sst2", "glue/rte"],
+        ["sst2", "cola", "rte"],
+        [[None, 0.5, 0.5], [0.9, 0.1, None]],
+    )
 
 
 def _app() -> typer.Typer:
@@ -375,3 +401,23 @@ def test_rich_table_keeps_bracketed_labels(tmp_path):
     console = Console(width=300, record=True)
     console.print(to_rich(table))
     assert "regmean[a+b+c]" in console.export_text()
+
+
+def test_cli_similarity_heatmap_from_weights_file(tmp_path, merge_run):
+    wf = tmp_path / "weights.json"
+    wf.write_text(
+        json.dumps(
+            {
+                "format": "mklab-similarity-weights-matrix",
+                "columns": ["a", "b"],
+                "matrix": {"a": {"b": 1.0}, "b": {"a": 1.0}},
+            }
+        )
+    )
+    runner = CliRunner()
+    res = runner.invoke(_app(), ["report", str(wf), str(merge_run), "--plot", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    _png_ok(tmp_path / "p" / "similarity.png")
+    _png_ok(tmp_path / "p" / "bars.png")
+    res = runner.invoke(_app(), ["report", str(wf)])
+    assert res.exit_code == 2 and "similarity weights file" in res.output

@@ -40,11 +40,19 @@ def report(
         fmt = _SUFFIX_FORMAT.get(output.suffix.lower(), "markdown") if output is not None else "table"
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}", hint=f"choose one of: {', '.join(FORMATS)}")
-    records = rep.load_records(runs, children=children)
+    # a weights*.json file given directly is similarity input only (no results table)
+    weight_files = [p for p in runs if p.is_file() and p.name.startswith("weights") and p.suffix == ".json"]
+    result_paths = [p for p in runs if p not in weight_files]
+    if weight_files and plot is None:
+        raise UserError(
+            f"{weight_files[0]} is a similarity weights file, not a results file",
+            hint="add --plot DIR to draw its heatmap, or give the run folder",
+        )
+    records = rep.load_records(result_paths, children=children)
     similarity = rep.find_similarity(runs) if plot is not None else []
     table = None
     text = None
-    if records or plot is None:
+    if result_paths and (records or plot is None):
         table = rep.build_table(records, _split_fields(rows), _split_fields(cols), metric)
         if fmt == "markdown":
             text = rep.to_markdown(table)
@@ -62,8 +70,9 @@ def report(
                 plots.append(greedy)
         for k, (name, targets, sources, matrix) in enumerate(similarity):
             suffix = "" if len(similarity) == 1 else f"_{k + 1}"
+            title = f"similarity weights ({Path(name).parent.name}/{Path(name).name})"
             plots.append(
-                rep.plot_heatmap(targets, sources, matrix, plot / f"similarity{suffix}.png", title=name)
+                rep.plot_heatmap(targets, sources, matrix, plot / f"similarity{suffix}.png", title=title)
             )
         if not plots:
             raise UserError("nothing to plot in the given results")
