@@ -152,7 +152,9 @@ def test_pt_on_t5_text_to_text_stand_in(tiny_t5_dir, glue_dir, tmp_path):
     )
     assert res.exit_code == 0, res.output
     data = json.loads((out / "results.json").read_text())
-    assert data["task"]["format"] == "text2text"
+    # an encoder-decoder model trains on the registry's text-to-text form of the task
+    assert data["task"]["format"] == "text2text" and data["task"]["name"] == "t2t/glue/sst2"
+    assert "invalid_rate" in data["metrics"]["validation"]
     assert data["metrics"]["trainable_params"] == 5 * D  # no head, no unused PEFT rows
     assert 0.0 <= data["metrics"]["validation"]["accuracy"] <= 1.0
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -264,3 +266,43 @@ def test_presets_resolve(tmp_path):
         load_settings(
             PromptTuneSettings, command="prompt-tune", preset="dept-t5-base-glue"
         )  # {task} unfilled
+
+
+def test_text2text_hook_scores_labels_by_likelihood(tiny_t5_dir, glue_dir):
+    """The fallback hook (used when no t2t/ task is registered): rank classification by the summed
+    log-likelihood of each label string equals -(mean token loss) * target length."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from mergekit_lab.prompt import build_prompt_model
+    from mergekit_lab.prompt.text2text import (
+        encode_t2t,
+        label_scores,
+        label_words,
+        make_t2t_collator,
+        source_text,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    task = get_task("glue/sst2")
+    ds = encode_t2t(task, task.load("validation", glue_dir).select(range(4)), tok, 24)
+    assert source_text(task, {"sentence": "a fine film"}) == "sst2 sentence: a fine film"
+    batch = make_t2t_collator(tok)([ds[i] for i in range(4)])
+    model = build_prompt_model(
+        AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir),
+        "dept",
+        num_virtual_tokens=3,
+        r=2,
+        max_length=24,
+        init="vocab",
+    ).eval()
+    targets = [list(tok(w)["input_ids"]) for w in label_words(task)]
+    scores = label_scores(model, batch["input_ids"], batch["attention_mask"], targets)
+    for c, ids in enumerate(targets):
+        for i in range(4):
+            with torch.no_grad():
+                loss = model(
+                    input_ids=batch["input_ids"][i : i + 1],
+                    attention_mask=batch["attention_mask"][i : i + 1],
+                    labels=torch.tensor([ids]),
+                ).loss
+            assert scores[i, c].item() == pytest.approx(-loss.item() * len(ids), rel=1e-4)

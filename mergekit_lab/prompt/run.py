@@ -6,9 +6,10 @@ the best module by the task's first metric, saves it as a PEFT-layout adapter fo
 results.json with the exact trainable parameter count, dev metrics, time per step, tokens/s and
 peak memory.
 
-Encoder and decoder-only classifiers use the task registry's data and metrics unchanged;
-encoder-decoder models (T5) go through the text-to-text hook in
-:mod:`mergekit_lab.prompt.text2text`.
+Encoder and decoder-only classifiers use the task registry's data and metrics unchanged.
+Encoder-decoder models (T5) train on the registry's text-to-text form of the task (``t2t/<task>``:
+seq2seq loss, evaluation by generation with invalid outputs counted wrong); only when no such
+task is registered does the minimal hook in :mod:`mergekit_lab.prompt.text2text` take over.
 """
 
 from __future__ import annotations
@@ -65,8 +66,37 @@ def _max_positions(config) -> int | None:
     return None
 
 
+# how the task reaches the model
+CLASSIFIER = "classifier"  # the task registry's classification data and metrics, a classifier head
+TEXT2TEXT = "text2text"  # a registered text-to-text task (t2t/...): seq2seq loss, generation eval
+TEXT2TEXT_HOOK = "text2text-hook"  # fallback when no t2t/ task exists (mergekit_lab.prompt.text2text)
+
+
+def resolve_task(task, is_encoder_decoder: bool):
+    """(task, format): encoder-decoder models get the task's ``t2t/`` form when it is registered."""
+    from mergekit_lab.tasks import get_task
+
+    if task.family == "seq2seq":
+        if not is_encoder_decoder:
+            raise UserError(f"task {task.name} is text-to-text and needs an encoder-decoder model (T5)")
+        return task, TEXT2TEXT
+    if task.family != "classification":
+        raise UserError(
+            f"prompt-tune trains on classification and text-to-text tasks, not {task.family} ({task.name})"
+        )
+    if is_encoder_decoder:
+        try:
+            return get_task(f"t2t/{task.name}"), TEXT2TEXT
+        except UserError:
+            from mergekit_lab.prompt.text2text import check_task
+
+            check_task(task)
+            return task, TEXT2TEXT_HOOK
+    return task, CLASSIFIER
+
+
 def load_base_model(model_settings, task, *, seed: int, tokenizer):
-    """(model, is_text2text): a seq2seq LM for encoder-decoder configs, else the task's classifier."""
+    """(model, task, format): a seq2seq LM (T5) for text-to-text, else the task's classifier."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     from mergekit_lab.models import load_model_for_task, resolve_model_ref
@@ -76,20 +106,34 @@ def load_base_model(model_settings, task, *, seed: int, tokenizer):
         cfg = AutoConfig.from_pretrained(ref, trust_remote_code=bool(model_settings.trust_remote_code))
     except (OSError, ValueError) as e:
         raise UserError(f"could not read the config of model {model_settings.name_or_path!r}: {e}") from None
-    if getattr(cfg, "is_encoder_decoder", False):
-        from mergekit_lab.prompt.text2text import check_task
-
-        check_task(task)
-        kw = {"trust_remote_code": bool(model_settings.trust_remote_code)}
-        if model_settings.revision:
-            kw["revision"] = model_settings.revision
-        return AutoModelForSeq2SeqLM.from_pretrained(ref, **kw), True
-    return load_model_for_task(model_settings, task, seed=seed, tokenizer=tokenizer), False
+    task, fmt = resolve_task(task, bool(getattr(cfg, "is_encoder_decoder", False)))
+    if fmt == CLASSIFIER:
+        return load_model_for_task(model_settings, task, seed=seed, tokenizer=tokenizer), task, fmt
+    kw = {"trust_remote_code": bool(model_settings.trust_remote_code)}
+    if model_settings.revision:
+        kw["revision"] = model_settings.revision
+    return AutoModelForSeq2SeqLM.from_pretrained(ref, **kw), task, fmt
 
 
-def _data_fns(task, t2t: bool, tokenizer):
-    """(load_fn, collate, compute_loss, evaluate(model, ds, acc, bs))."""
-    if t2t:
+def _data_fns(task, fmt: str, tokenizer):
+    """(load_fn, collate, compute_loss, evaluate(model, ds, acc, bs)) for the task's format."""
+    if fmt == TEXT2TEXT:
+        from mergekit_lab.data import k_shot_indices, subsample
+
+        def load_fn(task_, split, data, tok, *, max_samples=None, seed=42, k_shot=None):
+            ds = task_.load(split, data.data_dir)
+            if k_shot:
+                ds = ds.select(k_shot_indices(ds["label"], k_shot, seed))
+            ds = subsample(ds, max_samples, seed)
+            return task_.encode(ds, tok, data.max_seq_length)
+
+        def evaluate(model, ds, acc, bs):
+            return task.evaluate(
+                model, ds, tokenizer, accelerator=acc, batch_size=bs, description=f"eval {task.name}"
+            )
+
+        return load_fn, task.collator(tokenizer), task.compute_loss, evaluate
+    if fmt == TEXT2TEXT_HOOK:
         from mergekit_lab.prompt.text2text import (
             evaluate_t2t,
             load_t2t_data,
@@ -137,20 +181,20 @@ def prompt_tune(settings: PromptTuneSettings) -> dict:
     acc = make_accelerator(run, training.gradient_accumulation_steps)
     seed_everything(run.seed)
     tokenizer = load_tokenizer(settings.model)
-    base, t2t = load_base_model(settings.model, task, seed=run.seed, tokenizer=tokenizer)
+    base, task, fmt = load_base_model(settings.model, task, seed=run.seed, tokenizer=tokenizer)
     d = int(base.get_input_embeddings().weight.shape[1])
     s = int(data.max_seq_length)
     m, r, budget = resolve_shape(opts, d, s)
     if budget and budget.get("message"):
         log(budget["message"])
-    maxpos = None if t2t else _max_positions(base.config)
+    maxpos = None if fmt != CLASSIFIER else _max_positions(base.config)
     if maxpos is not None and m + s > maxpos:
         raise UserError(
             f"prompt length {m} + max sequence length {s} exceeds the model's {maxpos} positions",
             hint=f"lower --max-seq-length to {maxpos - m} or --prefix-length",
         )
 
-    load_fn, collate, compute_loss, evaluate = _data_fns(task, t2t, tokenizer)
+    load_fn, collate, compute_loss, evaluate = _data_fns(task, fmt, tokenizer)
     train_ds = load_fn(
         task, "train", data, tokenizer, max_samples=data.max_train_samples, seed=run.seed, k_shot=data.k_shot
     )
@@ -273,7 +317,7 @@ def prompt_tune(settings: PromptTuneSettings) -> dict:
                 "name": task.name,
                 "problem_type": task.problem_type,
                 "labels": task.label_names,
-                "format": "text2text" if t2t else "classifier",
+                "format": fmt,
             },
             "prompt": {
                 "method": opts.method,
@@ -307,11 +351,11 @@ def prompt_tune(settings: PromptTuneSettings) -> dict:
 
 
 def load_prompt_model_for_task(model_settings, adapter_dir, task, *, tokenizer, seed: int = 42):
-    """(model with the saved PT/DePT module, is_text2text) for evaluating ``adapter_dir`` on ``task``."""
+    """(model with the saved PT/DePT module, task, format) for evaluating ``adapter_dir`` on ``task``."""
     from mergekit_lab.prompt.io import load_prompt_module
 
-    base, t2t = load_base_model(model_settings, task, seed=seed, tokenizer=tokenizer)
-    return load_prompt_module(base, adapter_dir), t2t
+    base, task, fmt = load_base_model(model_settings, task, seed=seed, tokenizer=tokenizer)
+    return load_prompt_module(base, adapter_dir), task, fmt
 
 
 def evaluate_prompt_adapter(
@@ -338,10 +382,12 @@ def evaluate_prompt_adapter(
             raise UserError(f"no base model given for adapter {adapter_dir}", hint="pass --model BASE")
         model_settings = model_settings.model_copy(update={"name_or_path": recorded})
     tokenizer = load_tokenizer(model_settings)
-    model, t2t = load_prompt_model_for_task(model_settings, adapter_dir, task, tokenizer=tokenizer, seed=seed)
+    model, task, fmt = load_prompt_model_for_task(
+        model_settings, adapter_dir, task, tokenizer=tokenizer, seed=seed
+    )
     if accelerator is not None:
         model = model.to(accelerator.device)
-    load_fn, _, _, evaluate = _data_fns(task, t2t, tokenizer)
+    load_fn, _, _, evaluate = _data_fns(task, fmt, tokenizer)
     ds = load_fn(task, split, data, tokenizer, max_samples=data.max_eval_samples, seed=seed)
     return evaluate(model, ds, accelerator, batch_size)
 
