@@ -91,11 +91,15 @@ def cost_benchmark(task_name, args, device):
     variants = {
         "pt": ours("pt", num_virtual_tokens=args.pt_length),
         "dept": ours("dept", num_virtual_tokens=choice.m, r=choice.r),
-        "dept_original_padding": ours("dept", num_virtual_tokens=choice.m, r=choice.r, padding_mode="original"),
+        "dept_original_padding": ours(
+            "dept", num_virtual_tokens=choice.m, r=choice.r, padding_mode="original"
+        ),
     }
     peft = get_peft_model(
         copy.deepcopy(base),
-        PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=args.pt_length, num_transformer_submodules=1),
+        PromptTuningConfig(
+            task_type="SEQ_CLS", num_virtual_tokens=args.pt_length, num_transformer_submodules=1
+        ),
     )
     with torch.no_grad():
         peft.prompt_encoder["default"].embedding.weight.copy_(variants["pt"].prompt)
@@ -193,7 +197,10 @@ def cost_benchmark(task_name, args, device):
             "ours_over_peft_pt_inference_time": round(med_inf["pt"] / med_inf["peft_pt"], 3),
             "ours_over_peft_pt_train_memory": round(mem["pt"] / mem["peft_pt"], 3),
         },
-        "samples": {"train_steps_per_variant": len(t_train["pt"]), "inference_batches_per_variant": len(t_inf["pt"])},
+        "samples": {
+            "train_steps_per_variant": len(t_train["pt"]),
+            "inference_batches_per_variant": len(t_inf["pt"]),
+        },
     }
     if cuda_peak:
         out["train_peak_cuda_mb"] = {n: round(max(v), 1) for n, v in cuda_peak.items()}
@@ -211,7 +218,12 @@ def quality_benchmark(task_name, method, args, workdir: Path):
     set_quiet(True)
     s = PromptTuneSettings.model_validate(
         {
-            "run": {"output_dir": str(workdir / f"{task_name}-{method}"), "seed": 42, "overwrite": True, "quiet": True},
+            "run": {
+                "output_dir": str(workdir / f"{task_name}-{method}"),
+                "seed": 42,
+                "overwrite": True,
+                "quiet": True,
+            },
             "model": {"name_or_path": "builtin:minilm"},
             "data": {
                 "task": f"glue/{task_name}",
@@ -259,8 +271,11 @@ def main(argv=None) -> int:
     p.add_argument("--quality-eval-samples", type=int, default=None)
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a shared CPU)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a shared CPU)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="also write the (partial) JSON here after each part")
     args = p.parse_args(argv)
     if not (SHARED / "glue").is_dir():
         print(json.dumps({"skipped": f"{SHARED / 'glue'} is absent"}))
@@ -277,11 +292,23 @@ def main(argv=None) -> int:
         "model": "builtin:minilm",
         "settings": vars(args),
     }
+
+    def checkpoint():
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
     if not args.skip_cost:
-        out["cost"] = [cost_benchmark(t, args, device) for t in args.tasks]
+        out["cost"] = []
+        for t in args.tasks:
+            out["cost"].append(cost_benchmark(t, args, device))
+            checkpoint()
     if not args.skip_quality:
+        out["quality"] = []
         with tempfile.TemporaryDirectory() as tmp:
-            out["quality"] = [quality_benchmark(t, m, args, Path(tmp)) for t in args.tasks for m in ("pt", "dept")]
+            for t in args.tasks:
+                for m in ("pt", "dept"):
+                    out["quality"].append(quality_benchmark(t, m, args, Path(tmp)))
+                    checkpoint()
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
