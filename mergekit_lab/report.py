@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lab.errors import UserError
+from mergekit_lab.sweeps import numeric_metrics
 
 __all__ = [
     "Table",
@@ -136,7 +137,7 @@ def _row_record(row: Mapping[str, Any], run: str, command: str, delta: Mapping[s
         rec.setdefault(_short(key), value)
         sweep_fields.append(_short(key))
     rec["_sweep"] = sweep_fields
-    rec["metrics"] = {k: float(v) for k, v in (row.get("metrics") or {}).items() if _is_number(v)}
+    rec["metrics"] = numeric_metrics(row.get("metrics"))  # nested dicts flattened: validation.accuracy
     rec["std"] = {k: v for k, v in (row.get("std") or {}).items() if v is None or _is_number(v)}
     rec["n"] = row.get("n")
     return rec

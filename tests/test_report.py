@@ -421,3 +421,17 @@ def test_cli_similarity_heatmap_from_weights_file(tmp_path, merge_run):
     _png_ok(tmp_path / "p" / "bars.png")
     res = runner.invoke(_app(), ["report", str(wf)])
     assert res.exit_code == 2 and "similarity weights file" in res.output
+
+
+def test_nested_run_metrics_are_flattened(tmp_path):
+    run = _write(
+        tmp_path / "t",
+        {
+            "schema_version": 1,
+            "command": "train",
+            "rows": [],
+            "metrics": {"validation": {"accuracy": 0.5}, "train_loss": 0.7, "note": "x"},
+        },
+    )
+    (rec,) = load_records([run])
+    assert rec["metrics"] == {"validation.accuracy": 0.5, "train_loss": 0.7}
