@@ -120,6 +120,32 @@ def test_dept_on_bert_classifier_end_to_end(tiny_bert, glue_dir, tmp_path):
         batch_size=16,
     )
     assert metrics["accuracy"] == pytest.approx(data["metrics"]["validation"]["accuracy"], abs=1e-9)
+    # parameter-efficient transfer: a new run starts from the trained module
+    out2 = tmp_path / "transfer"
+    res = _invoke(
+        [
+            "--method",
+            "dept",
+            "--model",
+            str(tiny_bert),
+            "--task",
+            "glue/sst2",
+            "--data-dir",
+            str(glue_dir),
+            "--match-pt-length",
+            "10",
+            "--max-seq-length",
+            "24",
+            "--max-steps",
+            "1",
+            "--init-from",
+            str(out),
+            "--output-dir",
+            str(out2),
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((out2 / "results.json").read_text())["prompt"]["prompt_init"] == "init_from"
 
 
 def test_pt_on_t5_text_to_text_stand_in(tiny_t5_dir, glue_dir, tmp_path):
