@@ -49,6 +49,8 @@ class Measure:
 
 
 _MEASURES: dict[str, Measure] = {}
+#: the paper's eight measures (the baselines uniform and category are registered too)
+PAPER_MEASURES = ("loss", "kl", "el2n", "cos_logits_labels", "grand", "euclidean", "performance", "cos_weights")
 
 
 def register_measure(name: str, *, sign: int, temperature: float, description: str, needs_reference: bool = False,
@@ -138,13 +140,13 @@ def kl(ref_logits: torch.Tensor, logits: torch.Tensor, problem_type: str, mask: 
     return 0.5 * (ref_logits.float().reshape(-1) - logits.float().reshape(-1)) ** 2
 
 
-_BLOCK = re.compile(r"((?:[A-Za-z_]+\.)?(?:layer|layers|block|h)\.\d+)\.")
+_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|block|h)\.\d+)\.")
 _SUFFIX = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|adapter_down|adapter_up|lora_magnitude_vector)"
                      r"(\.[A-Za-z_]+)?$")
 
 
 def group_of(key: str, granularity: str) -> str | None:
-    """The block (``encoder.layer.3``) or layer (``...layer.3.attention.self.query``) of a tensor name.
+    """The block (``bert.encoder.layer.3``) or layer (``...layer.3.attention.self.query``) of a tensor name.
 
     None for ``model`` granularity and for tensors outside any block (e.g. a prefix's embedding),
     which then use the model-level weights.

@@ -23,8 +23,7 @@ def heatmap(matrix: dict[str, dict[str, float | None]], sources: list[str], path
             if v is not None and math.isfinite(v):
                 data[i, j] = v
     fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(sources), 1.0 + 0.6 * len(targets)))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=max(1e-9, float(np.nanmax(data))
                                                                           if np.isfinite(data).any() else 1.0))
     ax.set_xticks(range(len(sources)), sources, rotation=45, ha="right")

@@ -1,0 +1,104 @@
+"""End to end on a tiny BERT: a source identical to the target's module gets the largest weight
+under every measure; `mklab similarity` writes its files; bad input exits with code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mergekit_lab.similarity.measures import PAPER_MEASURES
+
+TUNE = {"max_steps": 12, "learning_rate": 3e-2, "per_device_train_batch_size": 16, "lr_scheduler_type": "constant"}
+
+
+def _settings(pool, glue_dir, out, **sim):
+    from mergekit_lab.similarity.settings import SimilaritySettings
+
+    return SimilaritySettings.model_validate({
+        "run": {"output_dir": str(out), "quiet": True, "seed": 7},
+        "data": {"task": "glue/sst2", "data_dir": str(glue_dir)},
+        "training": TUNE,
+        "similarity": {"pool": [str(pool)], **sim}})
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_bert, glue_dir, tmp_path_factory):
+    """far1, far2: the target's module plus noise; same: exactly the module the scorer tunes."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from mergekit_lab.cli.train import TrainSettings, train_model
+    from mergekit_lab.delta import DeltaSettings, save_module, wrap_model, write_meta
+    from mergekit_lab.delta.modules import WEIGHTS_NAME
+    from mergekit_lab.similarity.run import build_context, collect_pool
+
+    root = tmp_path_factory.mktemp("simpool")
+    # a backbone that already encodes the toy sentiment (a frozen random tiny BERT learns too slowly)
+    train_model(TrainSettings.model_validate({
+        "run": {"output_dir": str(root / "backbone"), "quiet": True},
+        "model": {"name_or_path": str(tiny_bert)}, "data": {"task": "glue/sst2", "data_dir": str(glue_dir)},
+        "training": {"max_steps": 48, "learning_rate": 3e-3, "per_device_train_batch_size": 16}}))
+    tiny_bert = root / "backbone"
+    seedling = wrap_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert),
+                          DeltaSettings(peft="lora", lora_r=4, lora_alpha=8), seed=0)
+    for name in ("far1", "far2", "same"):
+        save_module(seedling, root / "pool" / name, base_model=str(tiny_bert), task=f"glue/src-{name}")
+    s = _settings(root / "pool", glue_dir, root / "unused")
+    ctx = build_context(s, "glue/sst2", collect_pool([root / "pool"]), True)
+    ref = ctx.ensure_reference()
+    g = torch.Generator().manual_seed(0)
+    for name, noise in (("same", 0.0), ("far1", 2.0), ("far2", 3.0)):
+        t = {k: (v + noise * torch.randn(v.shape, generator=g) if k in ref.delta else v).contiguous()
+             for k, v in ref.state.items()}
+        save_file(t, str(root / "pool" / name / WEIGHTS_NAME))
+        write_meta(root / "pool" / name, kind="lora", base_model=str(tiny_bert), task=f"glue/src-{name}")
+    return root / "pool"
+
+
+def test_identical_source_wins_every_measure(pool, glue_dir, tmp_path):
+    from mergekit_lab.similarity.run import run_similarity
+
+    res = run_similarity(_settings(pool, glue_dir, tmp_path / "sim", measure=list(PAPER_MEASURES)))
+    weights = res["metrics"]["glue/sst2"]
+    for m in PAPER_MEASURES:
+        w = weights[m]
+        assert sum(w.values()) == pytest.approx(1.0)
+        assert w["same"] >= max(w.values()) - 1e-12, (m, w)
+        if m != "performance":  # accuracy saturates at 1.0 after the tune: a tie with far1 is allowed
+            assert w["same"] > max(w["far1"], w["far2"]), (m, w)
+        else:
+            assert w["same"] > w["far2"], (m, w)
+    out = tmp_path / "sim"
+    wf = json.loads((out / "weights.json").read_text())
+    assert wf["format"] == "mklab-similarity-weights" and wf["measure"] == "loss"
+    assert set(wf["weights"]) == {"far1", "far2", "same"}
+    scores = json.loads((out / "scores.json").read_text())["targets"]["glue/sst2"]
+    assert set(scores["measures"]) == set(PAPER_MEASURES)
+    assert scores["measures"]["kl"]["scores"]["same"] == pytest.approx(0.0, abs=1e-5)
+    assert scores["measures"]["cos_weights"]["scores"]["same"] == pytest.approx(1.0, abs=1e-5)
+    assert (out / "bar.png").stat().st_size > 1000
+
+
+def test_cli_all_targets_heatmap_and_errors(pool, glue_dir, tmp_path):
+    from mergekit_lab.cli.app import app
+
+    runner = CliRunner()
+    base = ["similarity", "--pool", str(pool), "--data-dir", str(glue_dir), "--quiet", "--max-steps", "2"]
+    r = runner.invoke(app, [*base, "--target", "glue/sst2", "--measure", "grand", "--granularity", "block",
+                            "--output-dir", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    wf = json.loads((tmp_path / "g" / "weights.json").read_text())
+    assert wf["granularity"] == "block" and set(wf["groups"]) == {"bert.encoder.layer.0", "bert.encoder.layer.1"}
+    for per in wf["groups"].values():
+        assert sum(per.values()) == pytest.approx(1.0)
+    # errors: tau <= 0, block granularity for a model-level measure, no target, a target with no data
+    for extra, msg in ((["--target", "glue/sst2", "--temperature", "0"], "temperature"),
+                       (["--target", "glue/sst2", "--measure", "loss", "--granularity", "layer"], "one score per module"),
+                       ([], "no target"),
+                       (["--target", "glue/rte"], "no usable dev data")):
+        r = runner.invoke(app, [*base, *extra, "--output-dir", str(tmp_path / "bad")])
+        assert r.exit_code == 2, (extra, r.output)
+        assert msg in r.output, (extra, r.output)
