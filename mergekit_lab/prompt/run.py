@@ -387,6 +387,9 @@ def evaluate_prompt_adapter(
     )
     if accelerator is not None:
         model = model.to(accelerator.device)
+    if model.is_dept and data.max_seq_length > int(model.peft_config.max_length):
+        # the low-rank update covers s positions: truncate as in training
+        data = data.model_copy(update={"max_seq_length": int(model.peft_config.max_length)})
     load_fn, _, _, evaluate = _data_fns(task, fmt, tokenizer)
     ds = load_fn(task, split, data, tokenizer, max_samples=data.max_eval_samples, seed=seed)
     return evaluate(model, ds, accelerator, batch_size)
