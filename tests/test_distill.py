@@ -406,3 +406,28 @@ def test_collate_pads_and_masks():
     b = collate([np.array([5, 6, 7]), np.array([8])], pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("arch", ["same", "distilbert"])
+def test_head_at_masked_positions_only_matches_full_logits(arch):
+    t = _bert(60, layers=4).eval()
+    s = extract_student(t, layers=[0, 3], arch=arch)[0].eval()
+    ids, am = _batch(60)
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[1, 5], labels[3, 1] = ids[0, 2], ids[1, 5], ids[3, 1]
+    sel = labels != -100
+    plan = sample_plan(am, prop=0.3, rng=np.random.default_rng(0))
+    mp = NeuronMapping.builtin("single_middle", 4, 2).resolve(t, s).resolved[0]
+    w = LossWeights(ce=1, mlm=1, mse=1, causal_ce=1)
+    outs = {}
+    for name, lm in (("dense", None), ("sparse", sel)):
+        to = forward_with_intervention(t, ids, am, plan, mp.teacher, logit_mask=lm)
+        so = forward_with_intervention(s, ids, am, plan, mp.student, logit_mask=lm)
+        outs[name] = (to, so, distillation_losses(so, to, attention_mask=am, labels=labels, weights=w,
+                                                 restrict_ce_to_mask=True)[1])
+    (td, sd, ld), (ts, ss, ls) = outs["dense"], outs["sparse"]
+    assert ts.logits.shape == (3, 60) and ss.cf_logits.shape == (3, 60)
+    assert torch.allclose(ts.logits, td.logits[sel], atol=1e-5)
+    assert torch.allclose(ss.cf_logits, sd.cf_logits[sel], atol=1e-5)
+    for k in ld:
+        assert torch.isclose(ld[k], ls[k], atol=1e-5), k

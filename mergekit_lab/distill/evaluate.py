@@ -50,11 +50,16 @@ def lm_perplexity(
             ids, labels = masker(ids, am, generator=gen)
         else:
             labels = clm_labels(ids, am)
-        kwargs = {"use_cache": False} if causal else {}
-        logits = model(input_ids=ids.to(device), attention_mask=am.to(device), **kwargs).logits.float()
         labels = labels.to(device)
         if causal:
+            logits = model(input_ids=ids.to(device), attention_mask=am.to(device), use_cache=False).logits.float()
             logits, labels = logits[:, :-1], labels[:, 1:]
+        else:  # the head at the masked positions only
+            from mergekit_lab.distill.intervention import forward_with_intervention
+
+            sel = labels != -100
+            logits = forward_with_intervention(model, ids.to(device), am.to(device), logit_mask=sel).logits.float()
+            labels = labels[sel]
         n = int((labels != -100).sum())
         if n == 0:
             continue

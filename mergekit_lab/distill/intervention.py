@@ -153,8 +153,15 @@ def forward_with_intervention(
     layer_idx: dict[int, torch.Tensor] | None = None,
     *,
     capture: tuple[int, ...] = (),
+    logit_mask: torch.Tensor | None = None,
 ) -> DoubledOutput:
-    """One forward of ``model`` giving the standard and (when ``plan``) the counterfactual outputs."""
+    """One forward of ``model`` giving the standard and (when ``plan``) the counterfactual outputs.
+
+    With ``logit_mask`` (B, L) the LM head runs only at those positions (a pre-hook gathers its
+    input): logits are then (N, V) rows in ``logit_mask.nonzero()`` order. The vocabulary
+    projection dominates small models' cost, so this is much cheaper when only masked tokens
+    are scored (``restrict_ce_to_mask``).
+    """
     inner = getattr(model, "module", model)
     layers = get_layers(inner)
     B = input_ids.shape[0]
@@ -194,7 +201,14 @@ def forward_with_intervention(
         kwargs = {k: (v if k == "hidden_states" else dup(v)) for k, v in kwargs.items()}
         return args, kwargs
 
+    def gather_hook(module, args):
+        h = args[0]
+        m = logit_mask if h.shape[0] == B else torch.cat([logit_mask, logit_mask], dim=0)
+        return (h[m.to(h.device).bool()],) + tuple(args[1:])
+
     try:
+        if logit_mask is not None:
+            handles.append(lm_head_input_module(inner).register_forward_pre_hook(gather_hook))
         for j, layer in enumerate(layers):
             if active and j > first:
                 handles.append(layer.register_forward_pre_hook(dup_hook, with_kwargs=True))
@@ -209,7 +223,16 @@ def forward_with_intervention(
     hidden = state["last"]
     if not active:
         return DoubledOutput(logits, hidden, captured=state["captured"])
-    return DoubledOutput(logits[:B], hidden[:B], logits[B:], hidden[B:], captured=state["captured"])
+    n = logits.shape[0] // 2 if logit_mask is not None else B
+    return DoubledOutput(logits[:n], hidden[:B], logits[n:], hidden[B:], captured=state["captured"])
+
+
+def lm_head_input_module(model: nn.Module) -> nn.Module:
+    """The first module of the LM head (its input is the final hidden states, (B, L, H))."""
+    for attr in ("cls", "lm_head", "vocab_transform"):
+        if hasattr(model, attr):
+            return getattr(model, attr)
+    raise UserError(f"no LM head found on {type(model).__name__}")
 
 
 def capture_block_outputs(model: nn.Module, input_ids, attention_mask, blocks: tuple[int, ...]) -> dict:

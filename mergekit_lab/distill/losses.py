@@ -20,7 +20,8 @@ LOSS_NAMES = ("ce", "mlm", "clm", "mse", "cos", "causal_ce", "causal_cos")
 
 
 def _select(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return x[mask.bool()]
+    """Rows at ``mask``; 2-D inputs are already gathered (logits computed at the mask only)."""
+    return x if x.ndim == 2 else x[mask.bool()]
 
 
 def kl_ce(s_logits, t_logits, mask, temperature: float) -> torch.Tensor:
@@ -51,6 +52,8 @@ def cosine(s_hidden, t_hidden, mask) -> torch.Tensor:
 def mlm(s_logits, labels) -> torch.Tensor:
     if (labels != -100).sum() == 0:
         return s_logits.sum() * 0.0
+    if s_logits.ndim == 2:  # gathered at the masked positions
+        return F.cross_entropy(s_logits.float(), labels[labels != -100])
     return F.cross_entropy(s_logits.float().reshape(-1, s_logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 

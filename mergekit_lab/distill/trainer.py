@@ -255,6 +255,7 @@ def distill(settings: DistillSettings, workdir: Path, accelerator=None, *, log_f
         f"losses {', '.join(f'{k}={v}' for k, v in weights.as_dict().items() if v > 0)}"
     )
 
+    sparse_logits = lo.restrict_ce_to_mask and not causal_lm
     log_path = workdir / "train_log.jsonl"
     mode = "masked" if ic.interchange_masked_only else ("consecutive" if ic.interchange_consecutive_only else "random")
     window: dict[str, torch.Tensor] = {}
@@ -288,11 +289,15 @@ def distill(settings: DistillSettings, workdir: Path, accelerator=None, *, log_f
                 ids, am, labels = ids.to(acc.device), am.to(acc.device), labels.to(acc.device)
                 if plan is not None:
                     plan = plan.to(acc.device)
+                # only masked tokens are scored: run the LM heads there only (much cheaper)
+                lmask = (labels != -100) if sparse_logits else None
                 with acc.accumulate(student):
                     with torch.no_grad(), acc.autocast():
-                        t_out = forward_with_intervention(teacher, ids, am, plan, pair.teacher if pair else None)
+                        t_out = forward_with_intervention(teacher, ids, am, plan, pair.teacher if pair else None,
+                                                          logit_mask=lmask)
                     with acc.autocast():
-                        s_out = forward_with_intervention(student, ids, am, plan, pair.student if pair else None)
+                        s_out = forward_with_intervention(student, ids, am, plan, pair.student if pair else None,
+                                                          logit_mask=lmask)
                         loss, terms = distillation_losses(
                             s_out, t_out, attention_mask=am, labels=labels, weights=weights,
                             temperature=lo.temperature, restrict_ce_to_mask=lo.restrict_ce_to_mask,
