@@ -102,3 +102,58 @@ def test_cli_all_targets_heatmap_and_errors(pool, glue_dir, tmp_path):
         r = runner.invoke(app, [*base, *extra, "--output-dir", str(tmp_path / "bad")])
         assert r.exit_code == 2, (extra, r.output)
         assert msg in r.output, (extra, r.output)
+
+
+def test_user_flow_merge_train_eval_and_all_targets(pool, glue_dir, tmp_path):
+    """similarity -> merge (weights.json, block granularity) -> train --peft-init -> eval --adapter;
+    and the leave-one-out matrix with its heatmap."""
+    import shutil
+
+    from mergekit_lab.cli.app import app
+    from mergekit_lab.delta import read_module
+
+    runner = CliRunner()
+    common = ["--data-dir", str(glue_dir), "--quiet"]
+    sim = tmp_path / "sim"
+    r = runner.invoke(app, ["similarity", "--pool", str(pool), "--target", "glue/sst2", "--measure", "cos_weights",
+                            "--granularity", "layer", "--max-steps", "2", "--output-dir", str(sim), *common])
+    assert r.exit_code == 0, r.output
+    members = sorted(str(p) for p in pool.iterdir())
+    init = tmp_path / "init"
+    r = runner.invoke(app, ["merge", "--method", "average", "--models", *members, "--weights",
+                            str(sim / "weights.json"), "--output-dir", str(init), "--quiet"])
+    assert r.exit_code == 0, r.output
+    wf = json.loads((sim / "weights.json").read_text())
+    out, srcs = read_module(init).tensors(), {p.name: read_module(p).tensors() for p in pool.iterdir()}
+    key = next(k for k in out if "layer.1.attention.self.value.lora_B" in k)
+    w = wf["groups"]["bert.encoder.layer.1.attention.self.value"]
+    torch.testing.assert_close(out[key], sum(w[n] * srcs[n][key] for n in w))
+    # a weights file that does not match the models: exit 2
+    r = runner.invoke(app, ["merge", "--method", "average", "--models", *members[:2], "--weights",
+                            str(sim / "weights.json"), "--output-dir", str(tmp_path / "bad"), "--quiet"])
+    assert r.exit_code == 2 and "not among the merged modules" in r.output, r.output
+    # the ensembled module initialises a new run (backbone taken from the folder)
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--peft-init", str(init), "--task", "glue/sst2", "--k-shot", "8",
+                            "--max-steps", "2", "--max-eval-samples", "16", "--output-dir", str(run), *common])
+    assert r.exit_code == 0, r.output
+    acc = json.loads((run / "results.json").read_text())["metrics"]["validation"]["accuracy"]
+    r = runner.invoke(app, ["eval", "--adapter", str(run), "--task", "glue/sst2", "--max-eval-samples", "16",
+                            "--output-dir", str(tmp_path / "ev"), *common])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev" / "results.json").read_text())["rows"][0]
+    assert ev["metrics"]["accuracy"] == pytest.approx(acc) and ev["kind"] == "module:lora"
+    # leave-one-out: every pool task is a target; rows targets, columns sources, own module blank
+    loo = tmp_path / "loo_pool"
+    for name, task in (("same", "glue/sst2"), ("far1", "glue/cola"), ("far2", "glue/cola")):
+        shutil.copytree(pool / name, loo / name)
+        meta = json.loads((loo / name / "mklab_module.json").read_text())
+        (loo / name / "mklab_module.json").write_text(json.dumps({**meta, "task": task}))
+    r = runner.invoke(app, ["similarity", "--pool", str(loo), "--all-targets", "--measure", "el2n",
+                            "--max-steps", "2", "--output-dir", str(tmp_path / "m"), *common])
+    assert r.exit_code == 0, r.output
+    mat = json.loads((tmp_path / "m" / "weights.json").read_text())
+    assert set(mat["matrix"]) == {"glue/sst2", "glue/cola"}
+    assert mat["matrix"]["glue/cola"] == {"same": 1.0}
+    assert set(mat["matrix"]["glue/sst2"]) == {"far1", "far2"}
+    assert (tmp_path / "m" / "heatmap.png").stat().st_size > 1000

@@ -28,6 +28,8 @@ class EvalDataSettings(DataSettings):
 class EvalOptions(Section):
     split: list[str] = Field(default_factory=lambda: ["validation"], description="Split(s): validation, test, train.")
     per_device_eval_batch_size: int = Field(64, gt=0, description="Evaluation batch size.")
+    adapter: Path | None = Field(None, description="A module folder (LoRA, prefix, adapter, PT, DePT) to put on --model "
+                                                   "(default: the backbone the folder names).")
 
 
 class EvalSettings(CommandSettings):
@@ -64,15 +66,19 @@ def run_eval(settings: EvalSettings) -> dict:
     from mergekit_lab.tasks import canonical_split, get_task
 
     run, data = settings.run, settings.data
-    if not settings.model.name_or_path:
+    if not settings.model.name_or_path and not settings.eval.adapter:
         raise UserError("no model given", hint="pass --model DIR (several allowed)")
     if not data.task:
         raise UserError("no task given", hint="pass --task NAME (several allowed), e.g. --task glue/sst2")
     tasks = [get_task(t) for t in data.task]
-    refs = [resolve_model_ref(m) for m in settings.model.name_or_path]
+    refs = [] if settings.eval.adapter else [resolve_model_ref(m) for m in settings.model.name_or_path]
     acc = make_accelerator(run)
     rows = []
     loaded = []
+    if settings.eval.adapter:  # PEFT seam: one module folder on its backbone
+        from mergekit_lab.delta.evaluate import evaluate_module_folder
+
+        rows = evaluate_module_folder(settings, tasks, acc)
     for name, ref in zip(settings.model.name_or_path, refs):
         model = tasks[0].load_trained(ref, trust_remote_code=settings.model.trust_remote_code)
         tok = load_tokenizer(ModelSettings(name_or_path=ref, tokenizer=settings.model.tokenizer,

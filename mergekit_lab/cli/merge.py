@@ -163,11 +163,14 @@ def run_merge(settings: MergeSettings) -> dict:
     if not settings.model.models:
         raise UserError("no models given", hint="pass --models DIR DIR ... (or a preset with model_specs)")
     with RunOutput(settings.run.output_dir, "merge", settings, overwrite=settings.run.overwrite) as out:
-        res = run_merge_experiment(settings, out.tmp_dir)
+        from mergekit_lab.similarity.ensemble import is_module_pool, run_module_merge
+
+        modules = is_module_pool(settings.model.models)  # PEFT module folders: weighted module ensembling
+        res = run_module_merge(settings, out.tmp_dir) if modules else run_merge_experiment(settings, out.tmp_dir)
         out.rows = res["rows"]
         out.metrics = res["metrics"]
         out.extra = res["extra"]
-        out.artifacts = {"merged": "merged"}
+        out.artifacts = {"module": "."} if modules else {"merged": "merged"}
         data = out.results()
     # the merged folders moved with the rename: fix the paths in the merge reports' view
     if not settings.run.quiet:
