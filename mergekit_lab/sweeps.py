@@ -598,7 +598,24 @@ def run_sweep(
     if _is_main_process():  # under accelerate/torchrun every rank runs the sweep; one writes
         _write_json(output_dir / "results.json", parent)
     _say(console, f"sweep {command}: {len(records)} runs, results in {output_dir / 'results.json'}")
+    _show_summary(parent, output_dir, console)
     return parent
+
+
+def _show_summary(parent: Mapping[str, Any], output_dir: Path, console: Any) -> None:
+    """The seed-aggregated table (what ``mklab report`` shows), on rank 0 unless --quiet."""
+    from mergekit_lab import runtime
+    from mergekit_lab.report import _run_records, build_table, to_rich
+
+    if not runtime.is_main_process() or getattr(runtime, "_QUIET", False):
+        return
+    try:
+        table = build_table(_run_records(parent, output_dir.name, {}))
+    except UserError:
+        return  # nothing tabular (no metrics) or ambiguous: `mklab report` offers --rows/--cols
+    over = parent.get("sweep", {}).get("aggregated_over")
+    title = f"{parent['command']} (mean ± std over {', '.join(over)})" if over else str(parent["command"])
+    (console or runtime.console).print(to_rich(table, title=title))
 
 
 def _check_parent_folder(
