@@ -189,3 +189,18 @@ def test_in_memory_merge_and_weights():
         merge_models([a, b], "ties")
     with pytest.raises(UserError, match="2 weights given for 2|1 weights given for 2"):
         merge_models([a, b], "average", weights=[1])
+
+
+def test_noniid_partitions_are_disjoint_and_skewed():
+    from mergekit_lab.merging.task_variants import noniid_name, partition_indices
+
+    labels = [i % 2 for i in range(200)]
+    parts = [partition_indices(labels, i, 2, 50, 0.8, seed=3) for i in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    for i, p in enumerate(parts):
+        assert len(p) == 50
+        assert sum(labels[j] == i for j in p) == 40  # partition i: 80% label i
+    assert parts[0] == partition_indices(labels, 0, 2, 50, 0.8, seed=3)  # seeded
+    with pytest.raises(UserError, match="not enough examples"):
+        partition_indices(labels, 0, 3, 90, 0.9, seed=0)
+    assert noniid_name("glue/sst2", 1, 2, 50, 0.8, 3) == "noniid:glue/sst2:1of2:50:0.8:3"
