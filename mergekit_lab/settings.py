@@ -73,7 +73,7 @@ class TrainingSettings(Section):
     per_device_train_batch_size: int = Field(16, gt=0, description="Training batch size per device.")
     per_device_eval_batch_size: int = Field(64, gt=0, description="Evaluation batch size per device.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Accumulate gradients over this many batches.")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW; 5e-5 as in TrainingArguments).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms).")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of steps for linear warmup.")
     lr_scheduler_type: Literal[
