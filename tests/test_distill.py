@@ -431,3 +431,17 @@ def test_head_at_masked_positions_only_matches_full_logits(arch):
     assert torch.allclose(ss.cf_logits, sd.cf_logits[sel], atol=1e-5)
     for k in ld:
         assert torch.isclose(ld[k], ls[k], atol=1e-5), k
+
+
+def test_plan_masked_positions_only():
+    _, am = _batch(60, B=4, L=20)
+    labels = torch.full_like(am, -100)
+    labels[:, 1:6] = 7
+    labels[2, 1:6] = -100
+    labels[2, 3] = 7
+    plan = sample_plan(am, prop=1.0, mode="masked", mlm_labels=labels, rng=np.random.default_rng(0))
+    assert not (plan.base_mask & (labels == -100)).any()
+    assert not (plan.source_mask & (labels[plan.perm] == -100)).any()
+    assert torch.equal(plan.base_mask.sum(1), plan.source_mask.sum(1))
+    with pytest.raises(UserError, match="need MLM labels"):
+        sample_plan(am, mode="masked")

@@ -336,7 +336,8 @@ def distill(settings: DistillSettings, workdir: Path, accelerator=None, *, log_f
                     if acc.is_main_process:
                         with open(log_path, "a") as fh:
                             fh.write(json.dumps(rec) + "\n")
-                    bar.update(task, info="  ".join(f"{k} {v:.3f}" for k, v in avg.items()))
+                    bar.update(task, info="  ".join(f"{k} {v:.3f}" for k, v in avg.items())
+                               + f"  {rec['tokens_per_second']:,.0f} tok/s")
                     window, window_n = {}, torch.zeros((), device=acc.device)
                     window_tokens, window_t0 = 0, time.time()
                 bar.update(task, completed=step)
