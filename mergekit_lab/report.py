@@ -14,8 +14,8 @@ Tables
     per cell (``metric``, or each task's first metric). Two records landing in the same cell are
     an error that names the fields telling them apart. The best value per column is marked
     (highest; lowest for metrics named like a loss, error or perplexity, see
-    :func:`lower_is_better`). Renderers: :func:`to_markdown` (best in bold), :func:`to_csv`,
-    :func:`to_json`, :func:`to_rich`.
+    :func:`lower_is_better`; ties all marked, none when the whole column ties). Renderers:
+    :func:`to_markdown` (best in bold), :func:`to_csv`, :func:`to_json`, :func:`to_rich`.
 
 Plots (matplotlib, PNG)
     :func:`plot_greedy_curve`, :func:`plot_bars`, :func:`plot_heatmap`; see their docstrings
@@ -421,6 +421,8 @@ def build_table(
             continue  # different metrics in one column: no "best"
         (m,) = ms
         best = (min if lower_is_better(m) else max)(c.value for c in cells)
+        if len(cells) > 1 and all(c.value == best for c in cells):
+            continue  # every result ties: nothing stands out
         for c in cells:
             c.best = c.value == best
     return table

@@ -435,3 +435,25 @@ def test_nested_run_metrics_are_flattened(tmp_path):
     )
     (rec,) = load_records([run])
     assert rec["metrics"] == {"validation.accuracy": 0.5, "train_loss": 0.7}
+
+
+def test_no_highlight_when_whole_column_ties(tmp_path):
+    run = _write(
+        tmp_path / "r",
+        {
+            "schema_version": 1,
+            "command": "merge",
+            "metrics": {},
+            "rows": [
+                _row("a", "merged", "t", {"acc": 0.5}),
+                _row("b", "merged", "t", {"acc": 0.5}),
+                _row("c", "merged", "t", {"acc": 0.25}),
+                _row("a", "merged", "u", {"acc": 0.5}),
+                _row("b", "merged", "u", {"acc": 0.5}),
+            ],
+        },
+    )
+    assert to_markdown(build_table(load_records([run]))) == (
+        "| model | t (acc) | u (acc) |\n|---|---:|---:|\n"
+        "| a | **0.5000** | 0.5000 |\n| b | **0.5000** | 0.5000 |\n| c | 0.2500 |  |\n"
+    )
