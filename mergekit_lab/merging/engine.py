@@ -240,13 +240,12 @@ def merge_models(
     base_keys_missing: list[str] = []
     for n in track(merged_names, len(merged_names), f"merging ({m.name})", enabled=progress):
         info = ref.info(n)
-        raw = [s.get(n) for s in sources]
         if not info.dtype.is_floating_point:
-            out = raw[0]  # integer buffers (position ids): copied from the first model
+            out = sources[0].get(n)  # integer buffers (position ids): copied from the first model
             notes.count("copied_non_float")
         else:
-            tensors = [t.float() for t in raw]
-            del raw
+            # one input tensor at a time in its stored dtype; only the float32 copies stay alive
+            tensors = [s.get(n).float() for s in sources]
             base_t = None
             if base_src is not None:
                 bk = _map_base_key(n, base_src, base_prefix)
