@@ -118,6 +118,11 @@ def run_similarity(settings) -> dict[str, Any]:
     measures = [get_measure(m) for m in sim.measure]
     if sim.temperature is not None and sim.temperature <= 0:
         raise UserError(f"temperature must be > 0, got {sim.temperature}")
+    if sim.granularity != "model":
+        flat = [m.name for m in measures if not m.grouped]
+        if flat:
+            raise UserError(f"measure {flat[0]} gives one score per module, not per {sim.granularity}",
+                            hint="use --granularity model, or grand / euclidean / cos_weights")
     pool = collect_pool(sim.pool)
     check_pool(pool)
     if sim.all_targets:
