@@ -251,3 +251,17 @@ def test_figures(tmp_path):
     assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
     b = bar_chart({"s0": 0.2, "s1": 0.8}, tmp_path / "b.png")
     assert b.stat().st_size > 1000
+
+
+def test_baselines_uniform_and_category():
+    from mergekit_lab.similarity.weights import category_weights, parse_categories, uniform_weights
+
+    assert uniform_weights(["a", "b", "c", "d"]) == {k: 0.25 for k in "abcd"}
+    cats = parse_categories(["sentiment=glue/sst2,emotion/isear", "pairs=glue/mrpc,glue/rte"])
+    assert cats == {"glue/sst2": "sentiment", "emotion/isear": "sentiment", "glue/mrpc": "pairs", "glue/rte": "pairs"}
+    # scores of the category measure: 1 inside the target's category, 0 outside
+    assert category_weights({"sst2": 1.0, "isear": 1.0, "mrpc": 0.0}) == {"sst2": 0.5, "isear": 0.5, "mrpc": 0.0}
+    with pytest.raises(UserError, match="category"):
+        category_weights({"sst2": 0.0, "mrpc": 0.0})
+    with pytest.raises(UserError, match="name=task1"):
+        parse_categories(["sentiment"])
