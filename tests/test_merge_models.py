@@ -261,3 +261,13 @@ def test_bad_inputs(tmp_path):
         merge_models(paths, "regmean", statistics=fishers, output_dir=tmp_path / "o9")
     for i in range(1, 10):
         assert not (tmp_path / f"o{i}").exists() or not any((tmp_path / f"o{i}").glob("*.safetensors"))
+
+
+def test_side_files_copied_but_not_run_records(tmp_path):
+    paths, _ = finetuned_variants("bert", tmp_path, save_base=False)
+    (paths[0] / "results.json").write_text("{}")
+    (paths[0] / "vocab.txt").write_text("[PAD]\n")
+    r = merge_models(paths, "average", output_dir=tmp_path / "out", progress=False)
+    out = r.outputs["merged"]
+    assert (out / "vocab.txt").exists() and (out / "config.json").exists()
+    assert not (out / "results.json").exists()  # a merged folder is not the individual model's run

@@ -46,7 +46,7 @@ from mergekit_lab.merging.io import (
 from mergekit_lab.merging.registry import MergeMethod, MergeNotes, MergeParams, TensorJob, make_method
 from mergekit_lab.merging.statistics import StatisticsFile
 
-_SKIP_COPY = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.index\.json|\.tmp)$")
+_SKIP_COPY = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.index\.json|\.tmp|^results\.json|^mklab_merge\.json|^training_args.*)$")
 _COPY_DIRS_SKIP = {"mklab_stats", "checkpoints", "runs"}
 
 ModelRef = str | Path | TensorSource | dict
