@@ -220,8 +220,14 @@ def _run(settings_cls, name: str, run_fn: Callable[[Any], Any], kwargs: dict[str
                              configs=kwargs.get("config") or (), sets=kwargs.get("set_") or (), flags=flags)
     templates = list(kwargs.get("template") or [])
     settings = build_from_loaded(settings_cls, loaded, templates)
-    grid = dict(loaded.sweep)
-    grid.update(parse_sweep_flags(list(kwargs.get("sweep") or [])))
+    grid: dict[str, list[Any]] = {}
+    resolved: dict[str, str] = {}  # dotted key -> spelling kept in the grid (flags win over YAML)
+    for key, vals in [*loaded.sweep.items(), *parse_sweep_flags(list(kwargs.get("sweep") or [])).items()]:
+        dotted = S.resolve_key(settings_cls, key)
+        if dotted in resolved:
+            del grid[resolved[dotted]]
+        resolved[dotted] = key
+        grid[key] = vals
     if kwargs.get("print_config"):
         out = S.to_yaml(settings)
         if grid:
