@@ -32,6 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/mklab-distill-quality")
     ap.add_argument("--head-steps", type=int, default=150)
+    ap.add_argument("--head-lr", type=float, default=5e-4)
+    ap.add_argument("--head-unfreeze", type=int, default=6, help="encoder blocks trained with the head (0: head only)")
     ap.add_argument("--distill-steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
@@ -67,7 +69,7 @@ def main() -> None:
     if not (wd / "teacher").exists():
         teacher, stats = fit_mlm_head("builtin:minilm", wd / "train", token_counts=wd / "counts",
                                       max_steps=args.head_steps, batch_size=16, max_seq_length=args.seq,
-                                      learning_rate=2e-3, unfreeze_layers=0, seed=args.seed)
+                                      learning_rate=args.head_lr, unfreeze_layers=args.head_unfreeze, seed=args.seed)
         save_student(teacher, wd / "teacher", tokenizer_ref="builtin:minilm", extra={"mlm_head": stats})
         out["mlm_head"] = stats
     out["seconds"]["mlm_head"] = round(time.time() - t0, 1)
