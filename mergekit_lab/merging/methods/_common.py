@@ -19,13 +19,17 @@ def average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 def sign_elect_disjoint_mean(deltas: list[torch.Tensor], majority: str = "total") -> torch.Tensor:
     """TIES steps 2-3: elect a sign per entry (sign of the summed mass, or of the count of
-    positive vs negative entries), then average only the non-zero entries agreeing with it."""
-    stacked = torch.stack([d.float() for d in deltas])
-    if majority == "total":
-        sign = torch.sign(stacked.sum(0))
-    else:
-        sign = torch.sign(torch.sign(stacked).sum(0))
-    agree = (torch.sign(stacked) == sign.unsqueeze(0)) & (stacked != 0)
-    num = (stacked * agree).sum(0)
-    cnt = agree.sum(0)
-    return torch.where(cnt > 0, num / cnt.clamp(min=1), torch.zeros_like(num))
+    positive vs negative entries), then average only the non-zero entries agreeing with it.
+    Computed model by model (no stacked copy), so memory stays at a few tensors."""
+    sign = torch.zeros_like(deltas[0], dtype=torch.float32)
+    for d in deltas:
+        sign.add_(d.float() if majority == "total" else torch.sign(d.float()))
+    sign.sign_()
+    num = torch.zeros_like(sign)
+    cnt = torch.zeros_like(sign)
+    for d in deltas:
+        agree = torch.sign(d.float()).eq_(sign).logical_and_(d != 0)
+        num.add_(d.float() * agree)
+        cnt.add_(agree)
+    del sign
+    return num.div_(cnt.clamp_(min=1))

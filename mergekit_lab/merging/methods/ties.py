@@ -37,7 +37,9 @@ def trim_top(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(delta)
     mag = delta.abs().reshape(-1)
     thresh = torch.kthvalue(mag, n - k + 1).values
-    return torch.where(delta.abs() >= thresh, delta, torch.zeros_like(delta))
+    keep = mag.reshape(delta.shape) >= thresh
+    del mag
+    return delta * keep
 
 
 @register_method("ties")
