@@ -240,7 +240,7 @@ def test_torchrun_two_processes(tiny_bert, glue_dir, tmp_path):
 def test_minilm_sst2_integration(shared_data, tmp_path):
     out = tmp_path / "sst2"
     r = runner.invoke(app, ["train", "--model", "builtin:minilm", "--task", "glue/sst2", "--data-dir",
-                            str(shared_data / "glue"), "--max-train-samples", "480", "--max-eval-samples", "200",
+                            str(shared_data / "glue"), "--max-train-samples", "800", "--max-eval-samples", "200",
                             "--num-train-epochs", "1", "--learning-rate", "1e-4", "--warmup-ratio", "0.1",
                             "--max-seq-length", "64",
                             "--output-dir", str(out), "--quiet"], catch_exceptions=False)
