@@ -80,13 +80,16 @@ def run_eval(settings: EvalSettings) -> dict:
 
         rows = evaluate_module_folder(settings, tasks, acc)
     for name, ref in zip(settings.model.name_or_path, refs):
-        model = tasks[0].load_trained(ref, trust_remote_code=settings.model.trust_remote_code)
         tok = load_tokenizer(ModelSettings(name_or_path=ref, tokenizer=settings.model.tokenizer,
                                            revision=settings.model.revision,
                                            trust_remote_code=settings.model.trust_remote_code))
-        loaded.append((name, model.to(acc.device), tok))
-    for name, model, tok in loaded:
+        loaded.append((name, ref, tok))
+    for name, ref, tok in loaded:
+        models: dict[type, object] = {}  # one load per task family (each family has its model class)
         for task in tasks:
+            if type(task) not in models:
+                models[type(task)] = task.load_trained(ref, trust_remote_code=settings.model.trust_remote_code).to(acc.device)
+            model = models[type(task)]
             task.check_model(model, name)
             for split in settings.eval.split:
                 split = canonical_split(split)
