@@ -169,7 +169,10 @@ def register_command(app: typer.Typer, name: str, settings_cls, run_fn: Callable
         if ann == Optional[bool]:  # noqa: UP045
             decls = [f"{flag}/--no-{flag[2:]}"]
         default_note = ""
-        if info.default is not None and not S.is_list_field(info) and info.default is not ...:
+        from pydantic_core import PydanticUndefined
+
+        if (info.default is not None and info.default is not PydanticUndefined and info.default is not ...
+                and not S.is_list_field(info) and not isinstance(info.default, dict)):
             default_note = f" (default: {info.default})"
         opt = typer.Option(None, *decls, help=(info.description or "") + suffix + default_note,
                            show_default=False, rich_help_panel=panels.get(group, group.replace("_", " ").title()))
