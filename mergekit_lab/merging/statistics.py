@@ -85,6 +85,22 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
     return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
 
 
+def _capped(batches: Iterable[Mapping[str, Any]], max_examples: int | None):
+    """Yield (batch, size) until ``max_examples`` examples were seen, cutting the last batch to fit."""
+    seen = 0
+    for batch in batches:
+        if max_examples is not None and seen >= max_examples:
+            return
+        b = dict(batch)
+        bs = _batch_size(b)
+        if max_examples is not None and seen + bs > max_examples:
+            keep = max_examples - seen
+            b = {k: (v[:keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == bs else v) for k, v in b.items()}
+            bs = keep
+        seen += bs
+        yield b, bs
+
+
 @torch.no_grad()
 def compute_grams(
     model: nn.Module,
@@ -145,15 +161,7 @@ def compute_grams(
     n_examples = 0
     t0 = time.perf_counter()
     try:
-        for batch in track(batches, total_batches, "RegMean Grams", enabled=progress):
-            if max_examples is not None and n_examples >= max_examples:
-                break
-            b = dict(batch)
-            bs = _batch_size(b)
-            if max_examples is not None and n_examples + bs > max_examples:
-                keep = max_examples - n_examples
-                b = {k: (v[:keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == bs else v) for k, v in b.items()}
-                bs = keep
+        for b, bs in _capped(track(batches, total_batches, "RegMean Grams", enabled=progress), max_examples):
             inputs = _model_inputs(b, device, ("labels", "label_mask"))
             state["mask"] = inputs.get("attention_mask")
             state["last"] = None
@@ -335,15 +343,7 @@ def compute_fisher(
         n_terms += 1
 
     try:
-        for batch in track(batches, total_batches, f"Fisher ({variant})", enabled=progress):
-            if max_examples is not None and n_examples >= max_examples:
-                break
-            b = dict(batch)
-            bs = _batch_size(b)
-            if max_examples is not None and n_examples + bs > max_examples:
-                keep = max_examples - n_examples
-                b = {k: (v[:keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == bs else v) for k, v in b.items()}
-                bs = keep
+        for b, bs in _capped(track(batches, total_batches, f"Fisher ({variant})", enabled=progress), max_examples):
             if per_example:
                 for i in range(bs):
                     one({k: (v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == bs else v) for k, v in b.items()})

@@ -9,10 +9,10 @@ label space of the training file); floats make a regression task.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from mergekit_lab.errors import UserError
+from mergekit_lab.tasks._common import read_jsonl
 from mergekit_lab.tasks.base import Task, register_task_prefix
 
 FIRST = ("text", "sentence", "sentence1")
@@ -22,15 +22,7 @@ EXTS = (".csv", ".tsv", ".jsonl", ".json")
 
 def read_table(path: Path) -> list[dict]:
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"line {i} of {path} is not JSON: {e.msg}", hint="use one JSON object a line") from None
-        return rows
+        return read_jsonl(path)
     delim = "\t" if path.suffix == ".tsv" else ","
     with open(path, encoding="utf-8-sig", newline="") as f:
         return list(csv.DictReader(f, delimiter=delim))
