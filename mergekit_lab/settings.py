@@ -61,10 +61,17 @@ class DataSettings(Section):
     data_dir: str | None = Field(
         None, description="Local data folder (GLUE layout, emotion JSONL, ...); builtin:sample is the shipped sample."
     )
-    max_seq_length: int = Field(128, gt=0, description="Truncate inputs to this many tokens.")
+    max_seq_length: int | None = Field(
+        None, gt=0,
+        description="Truncate inputs to this many tokens (QA: window length). Default: the task's own "
+        "(128; 384 for qa/*; 256 for superglue/boolq, multirc, record).",
+    )
     max_train_samples: int | None = Field(None, gt=0, description="Use at most this many training examples.")
     max_eval_samples: int | None = Field(None, gt=0, description="Use at most this many evaluation examples.")
-    k_shot: int | None = Field(None, gt=0, description="Train on K examples per class (seeded) for few-shot runs.")
+    k_shot: int | None = Field(
+        None, gt=0,
+        description="Train on K examples per class (seeded) for few-shot runs (classification tasks only).",
+    )
 
 
 class TrainingSettings(Section):

@@ -33,6 +33,29 @@ def k_shot_indices(labels: Sequence[Any], k: int, seed: int) -> list[int]:
     return picked
 
 
+def resolve_max_seq_length(task, data: Any = None) -> int:
+    """The sequence length a run uses for ``task``: the explicit ``--max-seq-length`` when given,
+    else the task's ``default_max_seq_length`` (128; 384 for extractive QA windows).
+
+    ``data`` is a settings group with a ``max_seq_length`` attribute (``DataSettings``), a plain
+    int, or None. This is the one place a missing value becomes a number.
+    """
+    value = getattr(data, "max_seq_length", data)
+    if value is None:
+        return int(getattr(task, "default_max_seq_length", 128))
+    return int(value)
+
+
+def check_k_shot(task, k_shot: int | None) -> None:
+    """``--k-shot`` only makes sense where each example has one class label."""
+    if not k_shot:
+        return
+    if not getattr(task, "supports_k_shot", True) or getattr(task, "problem_type", None) == "regression":
+        kind = "regression scores" if task.problem_type == "regression" else f"a {task.family.replace('_', ' ')} task"
+        raise UserError(f"--k-shot {k_shot} needs one class label per example, but {task.name} has {kind}",
+                        hint="use --max-train-samples N to train on fewer examples")
+
+
 def subsample(ds, max_samples: int | None, seed: int):
     """The first ``max_samples`` examples of a seeded shuffle (same subset for the same seed)."""
     if max_samples is None or max_samples >= len(ds):
@@ -59,11 +82,12 @@ def encode(task, ds, tokenizer, max_seq_length: int):
 def load_task_data(task, split: str, data, tokenizer, *, max_samples: int | None = None, seed: int = 42,
                    k_shot: int | None = None):
     """Load, sample (k-shot or max_samples, seeded) and tokenise one split of a task."""
+    check_k_shot(task, k_shot)
     ds = task.load(split, data.data_dir)
     if k_shot:
         ds = ds.select(k_shot_indices(ds["label"], k_shot, seed))
     ds = subsample(ds, max_samples, seed)
-    return task.encode(ds, tokenizer, data.max_seq_length)
+    return task.encode(ds, tokenizer, resolve_max_seq_length(task, data))
 
 
 def make_collator(tokenizer):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,7 +51,15 @@ class Task:
     ``load(split, data_dir)`` returns a ``datasets.Dataset`` with the text fields and ``label``
     (int, float, or a list of floats for multi-label), plus ``label_mask`` for multi-label
     tasks whose sources leave some labels unannotated.
+
+    ``default_max_seq_length`` is the sequence length a run uses when ``--max-seq-length`` is not
+    given (see :func:`mergekit_lab.data.resolve_max_seq_length`); families with longer inputs
+    override it. ``supports_k_shot`` is False where "K examples per class" has no meaning
+    (token classification, QA, masked LM); regression is refused by its problem type.
     """
+
+    default_max_seq_length: ClassVar[int] = 128
+    supports_k_shot: ClassVar[bool] = True
 
     name: str
     problem_type: str
@@ -103,7 +111,10 @@ class Task:
                             hint="evaluate each model on the task it was trained for")
 
     def encode(self, ds, tokenizer, max_seq_length: int):
-        """Tokenised examples ready for :meth:`collator` (training) and :meth:`evaluate`."""
+        """Tokenised examples ready for :meth:`collator` (training) and :meth:`evaluate`.
+
+        ``max_seq_length`` is already resolved (an int): callers use
+        :func:`mergekit_lab.data.resolve_max_seq_length`."""
         from mergekit_lab.data import encode
 
         return encode(self, ds, tokenizer, max_seq_length)

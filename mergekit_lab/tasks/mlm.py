@@ -103,6 +103,8 @@ def dynamic_masks(input_ids: torch.Tensor, special: torch.Tensor, tokenizer,
 class MlmTask(Task):
     """Masked-LM training and perplexity evaluation on raw text."""
 
+    supports_k_shot = False  # raw text has no classes
+
     def __init__(self, name: str, root: Path):
         super().__init__(name=name, problem_type="single_label_classification", label_names=["token"],
                          text_fields=("text",), metric_names=["perplexity", "loss", "masked_tokens"],

@@ -260,6 +260,8 @@ def _hub(task: NerTask, split: str, path: str, config, names: list[str]):  # pra
 class NerTask(Task):
     """Token classification over word sequences with IOB2 tags."""
 
+    supports_k_shot = False  # one tag per word, no class per sentence
+
     def __init__(self, name: str, label_names: list[str], reader, *, plo: bool = False, description: str = ""):
         super().__init__(name=name, problem_type="single_label_classification",
                          label_names=list(PLO_LABELS if plo else label_names), text_fields=("tokens",),

@@ -8,9 +8,9 @@ naturalquestionsshort, ...) loads ``mrqa-workshop/mrqa`` from the Hub, filtered 
 ``qa/file:<path>`` reads SQuAD-format JSON (one file for every split, or a folder).
 
 Long contexts are split into overlapping windows (question + context chunk) of
-``--max-seq-length`` tokens, except that the default 128 becomes 384 for QA (the standard BERT
-SQuAD setting), with a stride (overlap) of 128 tokens, capped at a third of the window for
-short windows. Training features whose window does not contain the whole answer point at the
+``--max-seq-length`` tokens (QA tasks default to 384, the standard BERT SQuAD setting, when the
+flag is not given; an explicit value, 128 included, is used as is), with a stride (overlap) of
+128 tokens, capped at a third of the window for short windows. Training features whose window does not contain the whole answer point at the
 first ([CLS]) token. Prediction takes, over every window of an example, the best-scoring span
 (start logit + end logit; top-20 starts and ends; inside the context; end >= start; at most 30
 tokens) and reads the answer from the context by character offsets. Exact match and F1 follow
@@ -43,16 +43,15 @@ from mergekit_lab.tasks.base import (
     resolve_data_dir,
 )
 
-DEFAULT_DATA_MAX_LEN = 128  # DataSettings' default; QA then uses QA_MAX_LEN
-QA_MAX_LEN = 384
+QA_MAX_LEN = 384  # QaTask.default_max_seq_length
 QA_STRIDE = 128
 N_BEST = 20
 MAX_ANSWER_TOKENS = 30
 
 
 def window_params(max_seq_length: int) -> tuple[int, int]:
-    """(window length, overlap) for a ``--max-seq-length``."""
-    length = QA_MAX_LEN if max_seq_length == DEFAULT_DATA_MAX_LEN else max_seq_length
+    """(window length, overlap) for a resolved ``--max-seq-length``."""
+    length = int(max_seq_length)
     return length, min(QA_STRIDE, length // 3)
 
 
@@ -170,6 +169,9 @@ def postprocess(features: list[dict], start_logits: list[np.ndarray], end_logits
 
 class QaTask(Task):
     """Span extraction over (question, context) with a sliding window."""
+
+    default_max_seq_length = QA_MAX_LEN
+    supports_k_shot = False  # answers are spans, not classes
 
     def __init__(self, name: str, reader, description: str = ""):
         super().__init__(name=name, problem_type="single_label_classification", label_names=["start", "end"],

@@ -26,6 +26,9 @@ wsc        text / "pronoun refers to noun"                     False, True      
 
 MultiRC: F1a is binary F1 over all answer options; EM is the share of questions whose options
 are all right. ReCoRD: max-over-gold EM / token F1 with SQuAD normalisation (fractions).
+
+Without ``--max-seq-length`` BoolQ, MultiRC and ReCoRD use 256 tokens (their passages are
+paragraphs: a 128-token window cuts most of them), the other tasks 128.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ SPLIT_FILES = {"train": "train.jsonl", "validation": "val.jsonl", "test": "test.
 FOLDERS = {"boolq": "BoolQ", "cb": "CB", "copa": "COPA", "multirc": "MultiRC", "record": "ReCoRD", "rte": "RTE",
            "wic": "WiC", "wsc": "WSC"}
 BOOL = ["False", "True"]
+LONG_PASSAGES = {"boolq": 256, "multirc": 256, "record": 256}  # default max_seq_length
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,9 @@ class GroupedTask(Task):
 
 for _key, _spec in SPECS.items():
     cls = GroupedTask if _key in ("multirc", "record") else Task
-    register_task(cls(name=f"superglue/{_key}", problem_type="single_label_classification",
-                      label_names=list(_spec.labels), text_fields=("sentence1", "sentence2"),
-                      metric_names=list(_spec.metrics), loader=_loader(_key), splits=tuple(SPLIT_FILES),
-                      description=f"SuperGLUE {FOLDERS[_key]}"))
+    _task = register_task(cls(name=f"superglue/{_key}", problem_type="single_label_classification",
+                              label_names=list(_spec.labels), text_fields=("sentence1", "sentence2"),
+                              metric_names=list(_spec.metrics), loader=_loader(_key), splits=tuple(SPLIT_FILES),
+                              description=f"SuperGLUE {FOLDERS[_key]}"))
+    if _key in LONG_PASSAGES:
+        _task.default_max_seq_length = LONG_PASSAGES[_key]

@@ -70,6 +70,7 @@ class Text2TextTask(Task):
                          splits=inner.splits, description=f"text-to-text {inner.name}")
         self.inner = inner
         self.prefix = inner.name.rsplit("/", 1)[-1]
+        self.default_max_seq_length = inner.default_max_seq_length
 
     @property
     def words(self) -> list[str]:
