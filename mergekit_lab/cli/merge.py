@@ -52,7 +52,7 @@ class MergeDataSettings(Section):
     eval_tasks: list[str] = Field(default_factory=list, description="Tasks to evaluate on (default: the models' tasks).")
     data_dir: str | None = Field(None, description="Data folder (GLUE layout, emotion JSONL, builtin:sample).")
     eval_splits: list[str] = Field(default_factory=lambda: ["validation"], description="Evaluation split(s).")
-    max_seq_length: int = Field(128, gt=0, description="Truncate inputs to this many tokens.")
+    max_seq_length: int | None = Field(None, gt=0, description="Truncate inputs to this many tokens (default: the task's own, e.g. 128).")
     max_train_samples: int | None = Field(None, gt=0, description="Training examples per model trained on demand.")
     max_eval_samples: int | None = Field(None, gt=0, description="Evaluate on at most this many examples.")
     partitions: int | None = Field(None, ge=2, description="Split a task's training set into N non-IID partitions.")

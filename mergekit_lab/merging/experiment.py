@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergekit_lab.data import resolve_max_seq_length
 from mergekit_lab.errors import UserError
 from mergekit_lab.merging import task_variants
 from mergekit_lab.merging.checks import head_names, read_config
@@ -212,7 +213,7 @@ def _stats_request(settings, m: ResolvedModel, kind: str, variant: str | None) -
         "padding": "excluded",
         "per_example": st.fisher_per_example if kind == "fisher" else None,
         "data": {"task": m.task.name, "data_dir": str(m.data_dir), "split": "train",
-                 "max_seq_length": settings.data.max_seq_length, "seed": m.train_seed},
+                 "max_seq_length": resolve_max_seq_length(m.task, settings.data), "seed": m.train_seed},
         "model_fingerprint": model_fingerprint(m.path),
     }
 

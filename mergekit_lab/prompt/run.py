@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mergekit_lab.data import resolve_max_seq_length
 from mergekit_lab.errors import UserError
 from mergekit_lab.prompt.budget import match_pt_length
 from mergekit_lab.prompt.settings import PromptOptions, PromptTuneSettings
@@ -125,7 +126,7 @@ def _data_fns(task, fmt: str, tokenizer):
             if k_shot:
                 ds = ds.select(k_shot_indices(ds["label"], k_shot, seed))
             ds = subsample(ds, max_samples, seed)
-            return task_.encode(ds, tok, data.max_seq_length)
+            return task_.encode(ds, tok, resolve_max_seq_length(task_, data))
 
         def evaluate(model, ds, acc, bs):
             return task.evaluate(
@@ -183,7 +184,7 @@ def prompt_tune(settings: PromptTuneSettings) -> dict:
     tokenizer = load_tokenizer(settings.model)
     base, task, fmt = load_base_model(settings.model, task, seed=run.seed, tokenizer=tokenizer)
     d = int(base.get_input_embeddings().weight.shape[1])
-    s = int(data.max_seq_length)
+    s = resolve_max_seq_length(task, data)  # DePT's s: an unset --max-seq-length is the task default
     m, r, budget = resolve_shape(opts, d, s)
     if budget and budget.get("message"):
         log(budget["message"])
@@ -387,7 +388,7 @@ def evaluate_prompt_adapter(
     )
     if accelerator is not None:
         model = model.to(accelerator.device)
-    if model.is_dept and data.max_seq_length > int(model.peft_config.max_length):
+    if model.is_dept and resolve_max_seq_length(task, data) > int(model.peft_config.max_length):
         # the low-rank update covers s positions: truncate as in training
         data = data.model_copy(update={"max_seq_length": int(model.peft_config.max_length)})
     load_fn, _, _, evaluate = _data_fns(task, fmt, tokenizer)

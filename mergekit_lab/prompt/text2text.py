@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mergekit_lab.data import resolve_max_seq_length
 from mergekit_lab.errors import UserError
 
 
@@ -77,7 +78,7 @@ def load_t2t_data(task, split: str, data, tokenizer, *, max_samples=None, seed: 
     if k_shot:
         ds = ds.select(k_shot_indices(ds["label"], k_shot, seed))
     ds = subsample(ds, max_samples, seed)
-    return encode_t2t(task, ds, tokenizer, data.max_seq_length)
+    return encode_t2t(task, ds, tokenizer, resolve_max_seq_length(task, data))
 
 
 def make_t2t_collator(tokenizer):
