@@ -51,8 +51,9 @@ def check_k_shot(task, k_shot: int | None) -> None:
     if not k_shot:
         return
     if not getattr(task, "supports_k_shot", True) or getattr(task, "problem_type", None) == "regression":
-        kind = "regression scores" if task.problem_type == "regression" else f"a {task.family.replace('_', ' ')} task"
-        raise UserError(f"--k-shot {k_shot} needs one class label per example, but {task.name} has {kind}",
+        what = ("has regression scores" if task.problem_type == "regression"
+                else f"is a {task.family.replace('_', ' ')} task")
+        raise UserError(f"--k-shot {k_shot} needs one class label per example, but {task.name} {what}",
                         hint="use --max-train-samples N to train on fewer examples")
 
 
