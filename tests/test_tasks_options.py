@@ -114,3 +114,16 @@ def test_k_shot_is_refused_where_classes_do_not_exist(tmp_path, tiny_bert, famil
     assert "--k-shot 4" in lines[0] and "--max-train-samples" in lines[0], lines[0]
     assert "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_mlm_eval_of_a_headless_encoder_is_reproducible(tmp_path, tiny_bert):
+    """tiny_bert is saved with a classification head only (as builtin:minilm has no MLM head): the
+    missing head is initialised under a fixed seed, so two evaluations agree exactly."""
+    from mergekit_lab.cli.eval import EvalSettings, run_eval
+
+    text = make_text_folder(tmp_path / "text", n_lines=20)
+    s = EvalSettings(run={"quiet": True}, model={"name_or_path": [str(tiny_bert)]},
+                     data={"task": [f"text:{text}"], "max_seq_length": 32}, eval={"per_device_eval_batch_size": 16})
+    a = run_eval(s)["rows"][0]["metrics"]
+    b = run_eval(s)["rows"][0]["metrics"]
+    assert a == b and a["masked_tokens"] > 0

@@ -28,13 +28,13 @@ from mergekit_lab.tasks._common import (
     build_auto_model,
     eval_mode,
     iter_batches,
-    load_auto_model,
     pad_collator,
 )
 from mergekit_lab.tasks.base import Task, canonical_split, register_task_prefix, resolve_data_dir
 
 MLM_PROBABILITY = 0.15
 MASK_SEED = 1234
+HEAD_SEED = 0  # initialises a missing masked-LM head (reproducible perplexity)
 IGNORE = -100
 SPLIT_FILES = {"train": ["train.txt", "train.raw"],
                "validation": ["valid.txt", "validation.txt", "dev.txt", "valid.raw"],
@@ -185,9 +185,29 @@ class MlmTask(Task):
         return build_auto_model(AutoModelForMaskedLM, model_settings, seed=seed, tokenizer=tokenizer)
 
     def load_trained(self, path: str, *, trust_remote_code: bool = False):
+        """The model with its masked-LM head. An encoder saved without one (builtin:minilm, a
+        sentence-embedding model) gets BERT's head with the decoder tied to the input embeddings
+        and the rest (transform dense + LayerNorm, bias) freshly initialised under a fixed seed,
+        so its perplexity is reproducible; a warning says so."""
         from transformers import AutoModelForMaskedLM
 
-        return load_auto_model(AutoModelForMaskedLM, path, trust_remote_code=trust_remote_code)
+        from mergekit_lab.models.loading import _load_error, resolve_model_ref
+        from mergekit_lab.runtime import warn
+
+        ref = resolve_model_ref(str(path))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_SEED)
+            try:
+                model, info = AutoModelForMaskedLM.from_pretrained(ref, trust_remote_code=trust_remote_code,
+                                                                   output_loading_info=True)
+            except (OSError, ValueError) as e:
+                raise _load_error(ref, e) from None
+        missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("decoder.weight"))
+        if missing:
+            warn(f"{path} has no trained masked-LM head: {len(missing)} head tensors are newly initialised "
+                 f"(seed {HEAD_SEED}), so its perplexity is that of an untrained head; train one with "
+                 f"`mklab train --task text:...` or `mklab fit-mlm-head`")
+        return model
 
     def check_model(self, model, name: str) -> None:
         if model.get_output_embeddings() is None:
