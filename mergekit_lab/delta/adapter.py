@@ -81,6 +81,15 @@ class AdapterLinear(nn.Module):
             nn.init.zeros_(self.adapter_up.weight)
             nn.init.zeros_(self.adapter_up.bias)
 
+    # models read their projections' weight (T5's DenseReluDense casts to ``wo.weight.dtype``)
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
         return h + self.adapter_up(self.adapter_act(self.adapter_down(h)))
