@@ -61,10 +61,21 @@ def _backbone(mf: ModuleFolder) -> str | None:
     return b
 
 
+def module_family(mf: ModuleFolder) -> str:
+    """``text-to-text`` for modules of encoder-decoder LMs (T5, task_type SEQ_2_SEQ_LM), else ``classifier``."""
+    return "text-to-text" if str(mf.config.get("task_type")) == "SEQ_2_SEQ_LM" else "classifier"
+
+
 def check_pool(folders: list[ModuleFolder]) -> None:
-    """Same module type, backbone and delta tensor shapes everywhere; else a clear error."""
+    """Same module family, type, backbone and delta tensor shapes everywhere; else a clear error."""
     first = folders[0]
     for mf in folders[1:]:
+        if module_family(mf) != module_family(first):
+            t2t, cls = (first, mf) if module_family(first) == "text-to-text" else (mf, first)
+            raise UserError(f"mixed module families: {t2t.name} is a text-to-text module "
+                            f"({t2t.config.get('task_type')}, e.g. T5 on a t2t/ task), {cls.name} is a "
+                            f"classifier module ({cls.config.get('task_type')})",
+                            hint="score and ensemble modules of one backbone and task family")
         if mf.kind != first.kind:
             raise UserError(f"mixed module types: {first.name} is {first.kind}, {mf.name} is {mf.kind}",
                             hint="ensemble modules of one type (all lora, all prefix or all adapter)")

@@ -8,7 +8,29 @@ which weights the least similar sources most under the cosine measures.
 
 Per-example quantities are averaged over the target examples (the paper sums over the tokens of
 one batch; a mean keeps the temperature meaningful whatever the number of examples). For a
-classifier an example has one "token"; text-to-text models would sum over their target tokens.
+classifier an example has one "token".
+
+Text-to-text (T5) targets (``t2t/...`` tasks, modules trained with ``task_type SEQ_2_SEQ_LM``):
+the output space is the vocabulary, shared by every source, so no head is needed and no
+reference tune is run unless a measure needs one. Each example is teacher-forced on its target
+string (the label word, e.g. ``positive</s>``) and the measures read the decoder's full-vocabulary
+distribution p_t at every target token t (labels != -100; the end-of-sequence token included),
+as in the paper, which sums over tokens (:func:`seq2seq_token_stats`):
+
+- ``loss``: the seq2seq cross-entropy, a mean over all target tokens of the scored examples
+  (what T5's own loss gives on one batch holding them all);
+- ``kl``: per example sum_t KL(p_target,t || p_j,t), p_target from the reference module (a fresh
+  module of the pool's configuration tuned briefly on the target); mean over examples;
+- ``el2n``: per example sum_t ||p_j,t - onehot(y_t)||_2; mean over examples;
+- ``cos_logits_labels``: per example sum_t cos(p_j,t, onehot(y_t)) = sum_t p_j,t(y_t) / ||p_j,t||_2;
+  mean over examples;
+- ``grand``: the gradient norm of the module parameters of the seq2seq loss, per batch, averaged;
+- ``euclidean``, ``performance``, ``cos_weights``: as for classifiers, through the shared training
+  loop; ``performance`` scores by greedy generation (the task's own evaluation).
+
+The full-vocabulary choice (rather than a distribution renormalised over the label words) follows
+the paper and works for any target string, including multi-token label words and the yes/no
+questions of multi-label tasks.
 
 The pure functions (:func:`el2n`, :func:`cos_logits_labels`, :func:`kl`, :func:`grad_norms`,
 :func:`euclidean`, :func:`cos_weights`) take tensors and are tested against direct computations;
@@ -140,6 +162,29 @@ def kl(ref_logits: torch.Tensor, logits: torch.Tensor, problem_type: str, mask: 
     return 0.5 * (ref_logits.float().reshape(-1) - logits.float().reshape(-1)) ** 2
 
 
+def seq2seq_token_stats(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None = None,
+                        ignore_index: int = -100) -> dict[str, torch.Tensor]:
+    """Per-example sums over the target tokens (``labels != ignore_index``) of a decoder's outputs.
+
+    ``logits`` (batch, T, vocab) are teacher-forced on ``labels`` (batch, T). Returns per example:
+    ``tokens`` (count), ``ce`` (sum of -log p_t(y_t)), ``el2n`` (sum of ||p_t - onehot(y_t)||_2),
+    ``cos`` (sum of cos(p_t, onehot(y_t))) and, with ``ref_logits``, ``kl`` (sum of
+    KL(p_ref,t || p_t)); p_t is the full-vocabulary softmax at target position t.
+    """
+    mask = (labels != ignore_index).float()
+    logp = logits.float().log_softmax(-1)
+    gold = logp.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    p_gold = gold.exp()
+    sq = logp.exp().pow(2).sum(-1)
+    out = {"tokens": mask.sum(-1), "ce": (-gold * mask).sum(-1),
+           "el2n": ((sq - 2 * p_gold + 1).clamp_min(0).sqrt() * mask).sum(-1),
+           "cos": (p_gold / sq.sqrt() * mask).sum(-1)}
+    if ref_logits is not None:
+        lq = ref_logits.float().log_softmax(-1)
+        out["kl"] = ((lq.exp() * (lq - logp)).sum(-1) * mask).sum(-1)
+    return out
+
+
 _BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|block|h)\.\d+)\.")
 _SUFFIX = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|adapter_down|adapter_up|lora_magnitude_vector)"
                      r"(\.[A-Za-z_]+)?$")
@@ -223,6 +268,9 @@ def _mean(x: torch.Tensor) -> float:
 
 @register_measure("loss", sign=-1, temperature=0.1, description="mean task loss on target examples")
 def _loss(ctx, src) -> Score:
+    if ctx.seq2seq:
+        st = ctx.seq_outputs(src)
+        return Score(float(st["ce"].sum() / st["tokens"].sum().clamp_min(1)))
     out = ctx.outputs(src)
     return Score(float(ctx.task.loss(out.logits, out.labels, out.mask)))
 
@@ -230,18 +278,24 @@ def _loss(ctx, src) -> Score:
 @register_measure("kl", sign=-1, temperature=0.1, needs_reference=True,
                   description="mean KL(p_target || p_source), p_target from a short tune on the target")
 def _kl(ctx, src) -> Score:
+    if ctx.seq2seq:
+        return Score(_mean(ctx.seq_outputs(src, kl=True)["kl"]))
     out = ctx.outputs(src)
     return Score(_mean(kl(ctx.reference.logits, out.logits, ctx.task.problem_type, out.mask)))
 
 
 @register_measure("el2n", sign=-1, temperature=0.1, description="mean error L2 norm ||p - onehot(y)||")
 def _el2n(ctx, src) -> Score:
+    if ctx.seq2seq:
+        return Score(_mean(ctx.seq_outputs(src)["el2n"]))
     out = ctx.outputs(src)
     return Score(_mean(el2n(out.logits, out.labels, ctx.task.problem_type, out.mask)))
 
 
 @register_measure("cos_logits_labels", sign=1, temperature=0.1, description="mean cos(p, onehot(y))")
 def _cos(ctx, src) -> Score:
+    if ctx.seq2seq:
+        return Score(_mean(ctx.seq_outputs(src)["cos"]))
     out = ctx.outputs(src)
     return Score(_mean(cos_logits_labels(out.logits, out.labels, ctx.task.problem_type, out.mask)))
 

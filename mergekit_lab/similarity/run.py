@@ -10,7 +10,7 @@ from typing import Any
 from mergekit_lab.delta.modules import ModuleFolder, is_module_folder, read_module
 from mergekit_lab.errors import UserError
 from mergekit_lab.runtime import log
-from mergekit_lab.similarity.ensemble import check_pool
+from mergekit_lab.similarity.ensemble import check_pool, module_family
 from mergekit_lab.similarity.measures import get_measure
 from mergekit_lab.similarity.scoring import TargetContext, score_sources
 from mergekit_lab.similarity.weights import (
@@ -58,6 +58,16 @@ def build_context(settings, target: str, pool: list[ModuleFolder], needs_train: 
 
     sim, data, run = settings.similarity, settings.data, settings.run
     task = get_task(target)
+    family = module_family(pool[0])
+    if family == "text-to-text" and task.family != "seq2seq":
+        raise UserError(f"the pool holds text-to-text modules ({pool[0].name}: {pool[0].config.get('task_type')}) "
+                        f"but target {target} is a {task.family} task",
+                        hint=f"score text-to-text modules on a t2t/ task, e.g. --target t2t/{target}")
+    if family != "text-to-text" and task.family == "seq2seq":
+        raise UserError(f"target {target} is a text-to-text task but the pool holds classifier modules "
+                        f"({pool[0].name}: {pool[0].config.get('task_type')})",
+                        hint="score classifier modules on a classification task, e.g. --target "
+                             f"{target.removeprefix('t2t/')}; or train T5 modules with --task t2t/...")
     base_ref = settings.model.name_or_path or pool[0].base_model
     ms = ModelSettings(name_or_path=base_ref, tokenizer=settings.model.tokenizer,
                        trust_remote_code=settings.model.trust_remote_code)

@@ -13,6 +13,13 @@ the pool's configuration tuned briefly on the target from random init (the same 
 own head instead (label spaces must match). ``performance``'s zero-shot score is the backbone
 with that head and no module: a per-target constant, so it shifts the scores without changing
 the weights.
+
+Text-to-text targets (``t2t/`` tasks on T5 modules) need no head: the output space is the
+vocabulary. The reference module is then tuned only when a measure needs it (``kl``,
+``cos_weights``), and the output-based measures read per-example sums over the target tokens
+(:func:`~mergekit_lab.similarity.measures.seq2seq_token_stats`, definitions in
+:mod:`~mergekit_lab.similarity.measures`). ``kl`` runs the reference module beside each source
+on the same batches instead of caching full-vocabulary distributions.
 """
 
 from __future__ import annotations
@@ -49,10 +56,11 @@ class Outputs:
 @dataclass
 class Reference:
     state: dict[str, torch.Tensor]  # the tuned module's tensors (delta + head), folder names
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # classifiers: the reference's dev logits
     delta: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
     seconds: float
+    model: Any = None  # text-to-text: the tuned reference model (kl runs it beside each source)
 
 
 @dataclass
@@ -79,7 +87,7 @@ class TargetContext:
     categories: dict[str, str] = field(default_factory=dict)
     batch_size: int = 32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    _outputs: dict[str, Outputs] = field(default_factory=dict)
+    _outputs: dict[str, Any] = field(default_factory=dict)
     _tuned: dict[str, Tuned] = field(default_factory=dict)
     _reference: Reference | None = None
     _zero_shot: float | None = None
@@ -87,6 +95,11 @@ class TargetContext:
     _collate: Any = None
 
     # -- helpers -----------------------------------------------------------------------------
+    @property
+    def seq2seq(self) -> bool:
+        """A text-to-text target (T5 on a ``t2t/`` task): the measures read decoder token outputs."""
+        return getattr(self.task, "family", None) == "seq2seq"
+
     def collate(self, features):
         if self._collate is None:
             self._collate = self.task.collator(self.tokenizer)
@@ -143,8 +156,12 @@ class TargetContext:
                         k = k[len(prefix):]
                         break
                 head[k] = v
-        logits = self._predict(model).logits
-        self._reference = Reference(state, logits, delta, head, secs)
+        if self.seq2seq:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self._reference = Reference(state, None, delta, head, secs, model=model.eval())
+        else:
+            self._reference = Reference(state, self._predict(model).logits, delta, head, secs)
         if self.head == "reference" and head:
             own = self.base.state_dict()
             unknown = [k for k in head if k not in own]
@@ -162,6 +179,29 @@ class TargetContext:
         key = str(src.path)
         if key not in self._outputs:
             self._outputs[key] = self._predict(self._plug(src, trainable=False))
+        return self._outputs[key]
+
+    def seq_outputs(self, src: ModuleFolder, *, kl: bool = False) -> dict[str, torch.Tensor]:
+        """Text-to-text: per-example sums over the target tokens (ce, el2n, cos[, kl], tokens)."""
+        from mergekit_lab.similarity.measures import seq2seq_token_stats
+
+        key = str(src.path)
+        cached = self._outputs.get(key)
+        if cached is not None and (not kl or "kl" in cached):
+            return cached
+        ref = self.reference.model if kl else None
+        model = self._plug(src, trainable=False)
+        loader = torch.utils.data.DataLoader(self.dev, batch_size=self.batch_size, shuffle=False,
+                                             collate_fn=self.collate)
+        parts: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                logits = model(**batch).logits
+                ref_logits = ref(**batch).logits if ref is not None else None
+                for k, v in seq2seq_token_stats(logits, batch["labels"], ref_logits).items():
+                    parts.setdefault(k, []).append(v.cpu())
+        self._outputs[key] = {k: torch.cat(v) for k, v in parts.items()}
         return self._outputs[key]
 
     def grand(self, src: ModuleFolder) -> Score:
@@ -218,7 +258,9 @@ class TargetContext:
 def score_sources(ctx: TargetContext, sources: list[ModuleFolder], measure_names: list[str]) -> dict[str, Any]:
     """Scores (and seconds) of every source under every measure, for one target."""
     measures = [get_measure(m) for m in measure_names]
-    if ctx.head == "reference" or any(m.needs_reference for m in measures):
+    # classifiers need the reference module's head for every measure; text-to-text targets only
+    # for the measures that compare with the reference (kl, cos_weights)
+    if (ctx.head == "reference" and not ctx.seq2seq) or any(m.needs_reference for m in measures):
         if not all(m.baseline for m in measures):
             ctx.ensure_reference()
     out: dict[str, Any] = {}
