@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,9 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", default="/work/venv-mergekit")
     ap.add_argument("--skip", nargs="*", default=[], help="any of: mklab naive mergekit linear ties")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each tool this many times, interleaved (mklab, naive, mergekit, mklab, ...) so "
+                         "that load from other processes hits them alike; the median wall time is reported")
     args = ap.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="mklab-merge-bench-", dir="/tmp"))
@@ -187,7 +191,7 @@ def main() -> None:
         for method in ("linear", "ties"):
             if method in args.skip:
                 continue
-            for tool in ("mklab", "naive", "mergekit"):
+            for rep, tool in [(r, t) for r in range(args.repeat) for t in ("mklab", "naive", "mergekit")]:
                 if tool in args.skip:
                     continue
                 out = root / f"out-{tool}-{method}"
@@ -202,8 +206,17 @@ def main() -> None:
                     cfg = root / f"mergekit-{method}.yml"
                     cfg.write_text(mergekit_config(method, base, a, b))
                     cmd = [str(mk_bin), str(cfg), str(out), "--quiet"]
-                runs[f"{tool}-{method}"] = measure(cmd)
-                print(json.dumps({f"{tool}-{method}": runs[f"{tool}-{method}"]}), file=sys.stderr, flush=True)
+                if rep:
+                    shutil.rmtree(out, ignore_errors=True)
+                r = measure(cmd)
+                print(json.dumps({f"{tool}-{method}": r}), file=sys.stderr, flush=True)
+                prev = runs.get(f"{tool}-{method}")
+                if prev is None:
+                    runs[f"{tool}-{method}"] = {**r, "wall_s_runs": [r["wall_s"]]}
+                else:
+                    walls = prev["wall_s_runs"] + [r["wall_s"]]
+                    runs[f"{tool}-{method}"] = {**r, "wall_s_runs": walls, "wall_s": statistics.median(walls),
+                                                "peak_rss_mb": max(prev["peak_rss_mb"], r["peak_rss_mb"])}
             # agreement on a few tensors
             names = ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"]
             ref = root / f"out-mklab-{method}"
@@ -215,6 +228,7 @@ def main() -> None:
                 shutil.rmtree(root / f"out-{tool}-{method}", ignore_errors=True)
         result["runs"] = runs
         result["cpu_count"] = os.cpu_count()
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

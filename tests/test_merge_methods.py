@@ -12,7 +12,8 @@ from mergekit_lab.merging import list_methods, make_method, merge_models, method
 from mergekit_lab.merging.methods.dare import dare_mask
 from mergekit_lab.merging.methods.regmean import regmean_solve
 from mergekit_lab.merging.methods.slerp import slerp
-from mergekit_lab.merging.methods.ties import trim_top
+from mergekit_lab.merging.methods import ties as ties_mod
+from mergekit_lab.merging.methods.ties import kth_largest, trim_top
 from mergekit_lab.merging.registry import TensorJob
 
 
@@ -135,6 +136,45 @@ def test_ties_by_hand():
     # deltas a-1=[2,-2,-.5,1,-5], b-1=[-2,-3,-.8,-4,0]; sums [0,-5,-1.3,-3,-5]
     # elected [0,-,-,-,-]: [0, -2.5, -0.65, -4, -5] -> base + 2 * that
     assert torch.allclose(out1, torch.tensor([1.0, -4.0, -0.3, -7.0, -9.0]), atol=1e-6)
+
+
+def test_kth_largest_is_exact_on_large_tensors_with_ties():
+    g = torch.Generator().manual_seed(3)
+    # above the 2**20 fast-path size; rounded values make many exact duplicates at any threshold
+    mag = (torch.randn(1_500_000, generator=g).abs() * 100).round() / 100
+    for k in (1, 7, 300_000, 750_000, 1_499_999, 1_500_000):
+        assert kth_largest(mag, k) == torch.kthvalue(mag, mag.numel() - k + 1).values
+    skewed = torch.cat([torch.zeros(1_400_000), torch.rand(200_000, generator=g)])  # heavy tie at 0
+    for k in (100_000, 200_000, 300_000):
+        assert kth_largest(skewed, k) == torch.kthvalue(skewed, skewed.numel() - k + 1).values
+
+
+def test_ties_two_pass_chunked_equals_dense_reference_on_bf16(monkeypatch):
+    """The streaming TIES (stored-dtype inputs, thresholds first, then chunks) equals the direct
+    dense formula: trim each task vector, elect signs on the total mass, disjoint mean."""
+    monkeypatch.setattr(ties_mod, "CHUNK", 1000)  # many chunks, one ragged
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(37, 113, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.1 * torch.randn(37, 113, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    w, dens, lam = [1.0, 0.5, 2.0], 0.3, 0.7
+    out = make_method("ties", {"density": dens, "lambda": lam}).merge(_job(models, base=base, weights=w))
+    deltas = []
+    for m, wi in zip(models, w):
+        d = (m.float() - base.float()) * wi
+        k = int(round(dens * d.numel()))
+        thr = torch.kthvalue(d.abs().reshape(-1), d.numel() - k + 1).values
+        deltas.append(d * (d.abs() >= thr))
+    st = torch.stack(deltas)
+    sign = st.sum(0).sign()
+    agree = (st.sign() == sign) & (st != 0)
+    ref = base.float() + lam * (st * agree).sum(0) / agree.sum(0).clamp(min=1)
+    assert out.dtype == torch.float32 and out.shape == base.shape
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    assert all(m.dtype == torch.bfloat16 for m in models)
+    f32 = [m.float() for m in models]
+    copies, fb = [t.clone() for t in f32], base.float()
+    make_method("ties", {"density": dens}).merge(_job(f32, base=fb, weights=w))
+    assert all(torch.equal(a, b) for a, b in zip(f32 + [fb], copies + [base.float()]))  # float32 inputs are not modified in place
 
 
 def test_dare_seeded_by_hand():

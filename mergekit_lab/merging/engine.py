@@ -72,6 +72,14 @@ class _DictSink:
         return []
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``. The float32 sum is non-finite whenever an entry is (one cheap pass);
+    only then (or on an overflow of the sum itself) is every entry checked."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _open(ref: ModelRef, i: int) -> tuple[TensorSource, dict[str, Any], Path | None]:
     if isinstance(ref, TensorSource):
         return ref, {}, None
@@ -245,14 +253,14 @@ def merge_models(
             notes.count("copied_non_float")
         else:
             # one input tensor at a time in its stored dtype; only the float32 copies stay alive
-            tensors = [s.get(n).float() for s in sources]
+            tensors = [s.get(n) if m.raw_inputs else s.get(n).float() for s in sources]
             base_t = None
             if base_src is not None:
                 bk = _map_base_key(n, base_src, base_prefix)
                 if bk is None:
                     base_keys_missing.append(n)
                 else:
-                    base_t = base_src.get(bk).float()
+                    base_t = base_src.get(bk) if m.raw_inputs else base_src.get(bk).float()
                     if base_t.shape != tensors[0].shape:
                         raise UserError(f"base model tensor {bk!r} is {list(base_t.shape)}, the models have {list(tensors[0].shape)}",
                                         hint="give the pretrained model the others were fine-tuned from")
@@ -285,7 +293,7 @@ def merge_models(
                 job = TensorJob(name=n, tensors=tensors, weights=list(w), models=list(range(k)), base=base_t,
                                 stats=stats, layout=layout, notes=notes)
                 out = m.merge(job)
-            if not bool(torch.isfinite(out).all()):
+            if not _all_finite(out):
                 raise UserError(f"the merge of {n!r} produced NaN/inf", hint="check the inputs and method parameters")
             out = out.to(out_dtype if out_dtype is not None else info.dtype)
         for sink in sinks:

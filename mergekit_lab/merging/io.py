@@ -131,17 +131,17 @@ class SafetensorsFile:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         n = end - start
-        buf = bytearray(n)
-        view = memoryview(buf)
+        if n == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = torch.empty(n, dtype=torch.uint8)  # uninitialised: no zero-fill pass before the read
+        view = memoryview(buf.numpy())
         got = 0
         while got < n:
             k = os.preadv(self._fd, [view[got:]], self._data_start + start + got)
             if k <= 0:
                 raise UserError(f"{self.path} is truncated (tensor {name!r})")
             got += k
-        if n == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return buf.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         if self._fd is not None:

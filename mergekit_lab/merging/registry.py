@@ -58,7 +58,8 @@ class MergeNotes:
 class TensorJob:
     """One output tensor to compute.
 
-    ``tensors`` holds the inputs' tensors in float32 (one per model in ``models``), ``weights``
+    ``tensors`` holds the inputs' tensors in float32 (one per model in ``models``; in their stored
+    dtype, e.g. bf16, for methods with ``raw_inputs = True``, which then must not modify them), ``weights``
     the per-model coefficients (not normalised), ``base`` the base model's tensor (float32) or
     None, ``stats`` the per-model statistic for this tensor (a Gram matrix of the layer's input
     for RegMean, a Fisher diagonal for Fisher) or None when not available, ``layout`` how a
@@ -91,6 +92,9 @@ class MergeMethod:
     stats_kind: ClassVar[str | None] = None
     min_models: ClassVar[int] = 2
     max_models: ClassVar[int | None] = None
+    #: True: ``job.tensors``/``job.base`` come in their stored dtype (bf16 stays bf16), so the
+    #: method converts what it needs, e.g. chunk by chunk, instead of holding float32 copies
+    raw_inputs: ClassVar[bool] = False
 
     def __init__(self, params: MergeParams | None = None):
         self.params = params if params is not None else self.Params()

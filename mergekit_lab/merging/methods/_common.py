@@ -6,9 +6,12 @@ import torch
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0], dtype=torch.float32)
-    for w, t in zip(weights, tensors, strict=True):
-        out.add_(t.float(), alpha=float(w))
+    """sum_i w_i t_i in float32; inputs may be in any floating dtype (bf16/fp16 are promoted
+    element-wise by the in-place add, exactly, without a float32 copy of each input)."""
+    # the first term initialises the (fresh, float32) output: no zero-filled buffer, one pass less
+    out = tensors[0].to(torch.float32, copy=True).mul_(float(weights[0]))
+    for w, t in zip(weights[1:], tensors[1:], strict=True):
+        out.add_(t, alpha=float(w))
     return out
 
 

@@ -23,6 +23,7 @@ class Average(MergeMethod):
     """(Weighted) mean of the parameters (model soup; Jin et al. 2023 simple average)."""
 
     Params = AverageParams
+    raw_inputs = True  # weighted_sum promotes bf16/fp16 inputs in place, no float32 copies
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         job.notes.count("averaged")
