@@ -253,3 +253,31 @@ def test_t5_cli_flow_and_mixed_pool_errors(t5_pool, glue_dir, tiny_bert, tmp_pat
     r = runner.invoke(app, ["similarity", "--pool", str(mixed / "bert"), "--target", TARGET, "--output-dir",
                             str(tmp_path / "bad"), *common])
     assert r.exit_code == 2 and "text-to-text task" in r.output, r.output
+
+
+@pytest.mark.parametrize("kind", ["prefix", "adapter"])
+def test_t5_prefix_and_adapter_pools_score(t5_pool, glue_dir, tmp_path, kind):
+    """Every measure runs on T5 prefix / adapter pools: finite scores, KL >= 0, weights sum to 1."""
+    from transformers import T5ForConditionalGeneration
+
+    from mergekit_lab.delta import DeltaSettings, save_module, wrap_model
+    from mergekit_lab.delta.modules import read_module
+    from mergekit_lab.similarity.run import run_similarity
+
+    backbone = read_module(t5_pool / "same").base_model
+    settings = DeltaSettings(peft=kind, prefix_length=4, adapter_size=4)
+    for i, name in enumerate(("a", "b")):
+        m = wrap_model(T5ForConditionalGeneration.from_pretrained(backbone), settings, seed=i)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        save_module(m, tmp_path / "pool" / name, base_model=backbone, task=f"t2t/glue/src-{name}")
+    s = _settings(tmp_path / "pool", glue_dir, tmp_path / "sim", measure=list(PAPER_MEASURES), num_examples=16)
+    s.training.max_steps = 1
+    res = run_similarity(s)
+    scores = json.loads((tmp_path / "sim" / "scores.json").read_text())["targets"][TARGET]["measures"]
+    for m in PAPER_MEASURES:
+        assert all(math.isfinite(v) for v in scores[m]["scores"].values()), (m, scores[m])
+        assert sum(res["metrics"][TARGET][m].values()) == pytest.approx(1.0)
+    assert min(scores["kl"]["scores"].values()) >= 0 and min(scores["euclidean"]["scores"].values()) > 0

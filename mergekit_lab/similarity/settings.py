@@ -45,7 +45,7 @@ class SimilarityOptions(Section):
     max_examples: int = Field(1000, gt=0, description="Cap on the target dev examples.")
     head: Literal["reference", "source"] = Field(
         "reference", description="Classifier head for scoring: the reference module's (tuned on the target) or "
-                                 "each source's own (same label space needed).")
+                                 "each source's own (same label space needed). Text-to-text (T5) modules need no head.")
     categories: list[str] = Field(default_factory=list,
                                   description="Task groups for the category baseline: name=task1,task2 (several).")
 
