@@ -100,3 +100,29 @@ def test_merge_cli_head_mismatch_suggests_keep(tiny_bert, glue_dir, tmp_path, he
                  "--method", "average", "--heads", heads, "--data-dir", str(glue_dir),
                  "--output-dir", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--heads keep" in r.output
+
+
+def test_model_spec_training_overrides_reach_the_zoo(monkeypatch, tmp_path):
+    """Per-alias max_train_samples / num_train_epochs override the shared training settings
+    for that model only (the quickstart trains CoLA longer than SST-2)."""
+    import mergekit_lab.models.zoo as zoo
+    from mergekit_lab.cli.merge import MergeSettings
+    from mergekit_lab.merging.experiment import resolve_models
+    from mergekit_lab.settings import load_settings
+
+    seen = {}
+
+    def fake_get_or_train(ts, zoo_dir, retrain=False):
+        seen[ts.data.task] = (ts.data.max_train_samples, ts.training.num_train_epochs, zoo.zoo_key(ts))
+        return tmp_path, True
+
+    monkeypatch.setattr(zoo, "get_or_train", fake_get_or_train)
+    s = load_settings(MergeSettings, sets=[
+        "model.models=[a, b]", "model.base_model=builtin:minilm",
+        "model.model_specs={a: {task: glue/sst2}, b: {task: glue/cola, max_train_samples: 2000, num_train_epochs: 3}}",
+        "data.max_train_samples=1000", "training.num_train_epochs=2",
+    ])
+    resolve_models(s)
+    assert seen["glue/sst2"][:2] == (1000, 2.0)
+    assert seen["glue/cola"][:2] == (2000, 3.0)
+    assert s.training.num_train_epochs == 2.0  # the shared settings are not modified

@@ -28,6 +28,8 @@ class ModelSpec(Section):
     seed: int | None = Field(None, description="Training seed (default: run.seed).")
     data_dir: str | None = Field(None, description="Data folder for this model's task (default: data.data_dir).")
     partition: int | None = Field(None, ge=0, description="Train on this non-IID partition of the task (see --partitions).")
+    max_train_samples: int | None = Field(None, gt=0, description="Training examples for this model (default: data.max_train_samples).")
+    num_train_epochs: float | None = Field(None, gt=0, description="Epochs for this model (default: training.num_train_epochs).")
 
 
 class MergeModelSettings(Section):

@@ -84,7 +84,8 @@ def _task_from_results(path: Path) -> str | None:
     return None
 
 
-def _train_settings(settings, task_name: str, seed: int, data_dir: str | None, max_train_samples: int | None):
+def _train_settings(settings, task_name: str, seed: int, data_dir: str | None, max_train_samples: int | None,
+                    num_train_epochs: float | None = None):
     from mergekit_lab.cli.train import TrainSettings, ZooSettings
     from mergekit_lab.settings import DataSettings, ModelSettings, RunSettings
 
@@ -97,7 +98,8 @@ def _train_settings(settings, task_name: str, seed: int, data_dir: str | None, m
         model=ModelSettings(name_or_path=settings.model.base_model),
         data=DataSettings(task=task_name, data_dir=data_dir, max_seq_length=settings.data.max_seq_length,
                           max_train_samples=max_train_samples),
-        training=settings.training.model_copy(deep=True),
+        training=settings.training.model_copy(
+            deep=True, update={} if num_train_epochs is None else {"num_train_epochs": num_train_epochs}),
         zoo=ZooSettings(),
     )
 
@@ -137,7 +139,8 @@ def resolve_models(settings) -> list[ResolvedModel]:
                 task_name = task_variants.noniid_name(spec.task, spec.partition, data.partitions, data.partition_size,
                                                       data.partition_share, settings.run.seed)
             data_dir = spec.data_dir or data.data_dir
-            ts = _train_settings(settings, task_name, seed, data_dir, data.max_train_samples)
+            ts = _train_settings(settings, task_name, seed, data_dir, spec.max_train_samples or data.max_train_samples,
+                                 spec.num_train_epochs)
             path, reused = get_or_train(ts, _zoo_dir(settings), retrain=settings.zoo.retrain)
             _log(f"model {name}: {'reused' if reused else 'trained'} {path}")
             out.append(ResolvedModel(name, path, get_task(task_name), data_dir, seed, eval_task=get_task(spec.task)))
