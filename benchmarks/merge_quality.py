@@ -7,7 +7,8 @@ OOD, and every row) as JSON:
    average / Fisher / RegMean against the individual models and their ensemble;
 2. a real pairwise emotion merge: MiniLM fine-tuned on two domains of ``../shared/data/emotion``
    (16 multi-label outputs, heads merged with label-aware rows), evaluated on both domains and on
-   held-out domains, RegMean alpha 0.1 as in the paper.
+   held-out domains, RegMean alpha 0.1 as in the paper, against the individual models, their
+   ensemble and the multi-task model trained on the union of the two domains.
 
     python benchmarks/merge_quality.py --workdir /tmp/mklab-quality [--only quickstart|emotion]
 """
@@ -64,7 +65,7 @@ def main() -> None:
                 "--max-train-samples", str(args.max_train_samples), "--max-seq-length", "64",
                 "--max-eval-samples", "1000",
                 "--method", "average", "fisher", "regmean", "--method-params", "{regmean: {alpha: 0.1}}",
-                "--heads", "merge", "--baselines", "individual", "ensemble",
+                "--heads", "merge", "--baselines", "individual", "ensemble", "multitask",
                 "--stats-examples", "512", "--num-train-epochs", "2", "--learning-rate", "1e-4",
                 "--warmup-ratio", "0.06", "--zoo-dir", str(wd / "zoo"), "--output-dir", str(out),
             ])
