@@ -251,6 +251,9 @@ def test_figures(tmp_path):
     assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
     b = bar_chart({"s0": 0.2, "s1": 0.8}, tmp_path / "b.png")
     assert b.stat().st_size > 1000
+    from mergekit_lab.similarity.run import short_label
+
+    assert short_label("file:/data/emotion-emoint") == "emotion-emoint" and short_label("glue/rte") == "glue/rte"
 
 
 def test_baselines_uniform_and_category():

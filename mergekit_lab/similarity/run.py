@@ -46,6 +46,11 @@ def collect_pool(entries: list[str | Path]) -> list[ModuleFolder]:
     return found
 
 
+def short_label(task: str) -> str:
+    """A figure label for a task name: ``file:`` tasks by their file or folder name."""
+    return Path(task[len("file:"):]).name if task.startswith("file:") else task
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.\-]+", "-", text).strip("-") or "target"
 
@@ -200,7 +205,9 @@ def run_similarity(settings) -> dict[str, Any]:
                                    "rows": "targets", "columns": names, "matrix": matrix,
                                    "files": {t: f"weights/{m.name}/{slug(t)}.json" for t in matrix}})
                 # rows are targets; the columns are the pool's modules; the target's own module is blank
-                labels = {t: t for t in matrix}
+                labels = {t: short_label(t) for t in matrix}
+                if len(set(labels.values())) < len(labels):  # two files of the same name: full names
+                    labels = {t: t for t in matrix}
                 heatmap({labels[t]: matrix[t] for t in matrix}, names, tmp / f"heatmap{suffix}.png",
                         title=f"weights ({m.name})")
                 artifacts[f"heatmap{suffix}"] = f"heatmap{suffix}.png"
@@ -210,7 +217,7 @@ def run_similarity(settings) -> dict[str, Any]:
                 suffix = "" if m.name == first else f"_{m.name}"
                 write_json_atomic(tmp / f"weights{suffix}.json", all_weights[m.name][target])
                 bar_chart(all_weights[m.name][target]["weights"], tmp / f"bar{suffix}.png",
-                          title=f"{target}: weights ({m.name})")
+                          title=f"{short_label(target)}: weights ({m.name})")
                 artifacts[f"bar{suffix}"] = f"bar{suffix}.png"
         out.rows = rows
         out.metrics = {t: {m: e["measures"][m]["weights"] for m in e["measures"]} for t, e in all_scores.items()}
