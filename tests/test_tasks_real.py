@@ -23,12 +23,14 @@ def _train(tmp, task, data_dir, *, steps, lr, batch, max_len, n_train, n_eval):
 
 
 def test_minilm_conll_slice_reaches_sensible_entity_f1(tmp_path, shared_data):
-    res = _train(tmp_path, "ner/conll2003", shared_data, steps=40, lr=5e-4, batch=12, max_len=48,
-                 n_train=480, n_eval=100)
+    # 15 steps of 16 sentences (window 32) at a high lr: about half the cost of the earlier 40 x 12
+    # at 48 tokens; measured F1 0.31 on these 64 dev sentences (0.34 with 40 x 12)
+    res = _train(tmp_path, "ner/conll2003", shared_data, steps=15, lr=8e-4, batch=16, max_len=32,
+                 n_train=240, n_eval=64)
     m = res["metrics"]["validation"]
     losses = _losses(res)
     assert losses[-1] < 0.5 * losses[0], losses
-    # an untrained head scores ~0; 40 steps of MiniLM reach above this bar
+    # an untrained head scores ~0 (random tags); broken alignment or decoding stays far below this bar
     assert m["f1"] > 0.2, m
     assert 0 < m["precision"] <= 1 and 0 < m["recall"] <= 1
 
