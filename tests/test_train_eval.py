@@ -247,3 +247,18 @@ def test_minilm_sst2_integration(shared_data, tmp_path):
     assert r.exit_code == 0, r.output
     acc = json.loads((out / "results.json").read_text())["metrics"]["validation"]["accuracy"]
     assert acc > 0.6  # chance is 0.5; a few hundred examples already move MiniLM well past it
+
+
+def test_zoo_key_resolves_the_task_default_sequence_length():
+    """An unset --max-seq-length and the task's default given explicitly are the same training,
+    so they share one zoo entry; another length is another entry."""
+    from mergekit_lab.cli.train import TrainSettings
+    from mergekit_lab.models.zoo import zoo_key
+    from mergekit_lab.settings import load_settings
+
+    def key(*sets):
+        return zoo_key(load_settings(TrainSettings, sets=["model.name_or_path=builtin:minilm", *sets]))
+
+    assert key("data.task=glue/sst2") == key("data.task=glue/sst2", "data.max_seq_length=128")
+    assert key("data.task=glue/sst2") != key("data.task=glue/sst2", "data.max_seq_length=64")
+    assert key("data.task=qa/squad") == key("data.task=qa/squad", "data.max_seq_length=384")

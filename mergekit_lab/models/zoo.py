@@ -31,6 +31,13 @@ def zoo_fields(settings) -> dict[str, Any]:
         if ignored is None or not isinstance(values, dict):
             continue
         out[group] = {k: v for k, v in values.items() if k not in ignored}
+    data_fields = out.get("data")
+    if data_fields is not None and data_fields.get("max_seq_length") is None and data_fields.get("task"):
+        # "the task's default" and the same number given explicitly train the same model
+        from mergekit_lab.data import resolve_max_seq_length
+        from mergekit_lab.tasks import get_task
+
+        data_fields["max_seq_length"] = resolve_max_seq_length(get_task(data_fields["task"]), None)
     return out
 
 
