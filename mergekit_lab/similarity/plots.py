@@ -39,7 +39,7 @@ def heatmap(matrix: dict[str, dict[str, float | None]], sources: list[str], path
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long task names stay inside the image
     plt.close(fig)
     return path
 
@@ -59,6 +59,6 @@ def bar_chart(weights: dict[str, float], path: str | Path, *, title: str = "ense
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long task names stay inside the image
     plt.close(fig)
     return path
