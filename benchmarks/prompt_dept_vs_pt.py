@@ -235,12 +235,12 @@ def quality_benchmark(task_name, method, args, workdir: Path):
                 "max_steps": args.quality_steps,
                 "per_device_train_batch_size": args.batch_size,
                 "per_device_eval_batch_size": args.eval_batch_size,
-                "learning_rate": 0.3,
+                "learning_rate": args.quality_prompt_lr,
                 "weight_decay": 1e-5,
                 "warmup_ratio": 0.05,
                 "eval_steps": max(args.quality_steps // 2, 1),
             },
-            "prompt": {"method": method, "match_pt_length": args.pt_length, "lora_embedding_lr": 5e-3},
+            "prompt": {"method": method, "match_pt_length": args.pt_length, "lora_embedding_lr": args.quality_lora_lr},
         }
     )
     res = prompt_tune(s)
@@ -269,7 +269,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--quality-steps", type=int, default=150)
     p.add_argument("--quality-eval-samples", type=int, default=None)
+    p.add_argument("--quality-prompt-lr", type=float, default=0.3,
+                   help="prompt learning rate of the quality runs (0.3 is DePT's T5 setting)")
+    p.add_argument("--quality-lora-lr", type=float, default=5e-3,
+                   help="learning rate of DePT's A/B and of the classification head in the quality runs")
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--methods", nargs="+", choices=["pt", "dept"], default=["pt", "dept"],
+                   help="quality runs to do (run pt and dept as two processes to use two cores)")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a shared CPU)"
@@ -306,7 +312,7 @@ def main(argv=None) -> int:
         out["quality"] = []
         with tempfile.TemporaryDirectory() as tmp:
             for t in args.tasks:
-                for m in ("pt", "dept"):
+                for m in args.methods:
                     out["quality"].append(quality_benchmark(t, m, args, Path(tmp)))
                     checkpoint()
     json.dump(out, sys.stdout, indent=2)
