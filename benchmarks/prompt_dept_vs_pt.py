@@ -240,7 +240,8 @@ def quality_benchmark(task_name, method, args, workdir: Path):
                 "warmup_ratio": 0.05,
                 "eval_steps": max(args.quality_steps // 2, 1),
             },
-            "prompt": {"method": method, "match_pt_length": args.pt_length, "lora_embedding_lr": args.quality_lora_lr},
+            "prompt": {"method": method, "match_pt_length": args.pt_length, "lora_embedding_lr": args.quality_lora_lr,
+                       "head_lr": args.quality_head_lr},
         }
     )
     res = prompt_tune(s)
@@ -272,7 +273,9 @@ def main(argv=None) -> int:
     p.add_argument("--quality-prompt-lr", type=float, default=0.3,
                    help="prompt learning rate of the quality runs (0.3 is DePT's T5 setting)")
     p.add_argument("--quality-lora-lr", type=float, default=5e-3,
-                   help="learning rate of DePT's A/B and of the classification head in the quality runs")
+                   help="learning rate of DePT's A/B in the quality runs (and of the head unless --quality-head-lr)")
+    p.add_argument("--quality-head-lr", type=float, default=None,
+                   help="learning rate of the classification head in the quality runs (default: --quality-lora-lr)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--methods", nargs="+", choices=["pt", "dept"], default=["pt", "dept"],
                    help="quality runs to do (run pt and dept as two processes to use two cores)")
