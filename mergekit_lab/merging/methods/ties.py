@@ -51,16 +51,24 @@ def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(mag, n - k + 1).values
 
 
+def trim_threshold(mag: torch.Tensor, density: float) -> float | None:
+    """The magnitude an entry needs to survive trimming to ``density`` (ties at the threshold
+    kept): None keeps everything (density 1), inf keeps nothing (rounds to zero entries)."""
+    if density >= 1.0:
+        return None
+    k = int(round(density * mag.numel()))
+    if k <= 0:
+        return float("inf")
+    return float(kth_largest(mag.reshape(-1), k))
+
+
+def apply_trim(delta: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    return delta if threshold is None else delta * (delta.abs() >= threshold)
+
+
 def trim_top(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the entries of largest magnitude (a ``density`` fraction; ties at the threshold kept)."""
-    if density >= 1.0:
-        return delta
-    n = delta.numel()
-    k = int(round(density * n))
-    if k <= 0:
-        return torch.zeros_like(delta)
-    thresh = kth_largest(delta.abs().reshape(-1), k)
-    return delta * (delta.abs() >= thresh)
+    return apply_trim(delta, trim_threshold(delta.abs(), density))
 
 
 #: entries per chunk in the second pass (16 MB of float32 per temporary)
@@ -87,27 +95,16 @@ class Ties(MergeMethod):
         flat = [t.reshape(-1) for t in job.tensors]
         base = job.base.reshape(-1)
         n = base.numel()
-        k = int(round(p.density * n))
-        thresholds: list[float | None] = []
-        for t, w in zip(flat, job.weights, strict=True):
-            if p.density >= 1.0:
-                thresholds.append(None)
-            elif k <= 0:
-                thresholds.append(float("inf"))
-            else:
-                mag = (t.float() - base).mul_(w).abs_()  # a new tensor: inputs stay untouched
-                thresholds.append(float(kth_largest(mag, k)))
-                del mag
+        # |w (t - base)| is a new tensor (inputs stay untouched), built only when trimming
+        thresholds = [None if p.density >= 1.0 else trim_threshold((t.float() - base).mul_(w).abs_(), p.density)
+                      for t, w in zip(flat, job.weights, strict=True)]
         out = torch.empty(n, dtype=torch.float32)
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             b = base[s:e].float()  # may alias the input: never modified in place
             deltas = []
             for t, w, thr in zip(flat, job.weights, thresholds, strict=True):
-                d = (t[s:e].float() - b).mul_(w)
-                if thr is not None:
-                    d = d * (d.abs() >= thr)
-                deltas.append(d)
+                deltas.append(apply_trim((t[s:e].float() - b).mul_(w), thr))
             out[s:e] = torch.add(b, sign_elect_disjoint_mean(deltas, p.majority), alpha=p.lam)
         job.notes.count("task_vectors")
         return out.reshape(shape)
