@@ -76,3 +76,30 @@ def make_glue_cola(folder: Path, n_train: int = 64, n_dev: int = 32, seed: int =
             lines.append(f"gj04\t{y}\t{'' if y else '*'}\t{s}{' .' if y else ''}")
         (d / name).write_text("\n".join(lines) + "\n")
     return folder
+
+
+def make_noised_lora_pool(root: Path, backbone: Path, model_cls, settings_for, target: str, task_prefix: str,
+                          noises: dict[str, float]):
+    """A LoRA pool around the reference module the similarity scorer tunes on ``target``: every
+    module starts as the same seeded LoRA; then each is overwritten with the tuned reference plus
+    Gaussian noise of its scale on the delta tensors (scale 0: exactly the reference). Returns
+    (``root / "pool"``, the reference); ``settings_for(pool)`` gives the scorer's SimilaritySettings."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mergekit_lab.delta import DeltaSettings, save_module, wrap_model, write_meta
+    from mergekit_lab.delta.modules import WEIGHTS_NAME
+    from mergekit_lab.similarity.run import build_context, collect_pool
+
+    pool = root / "pool"
+    seedling = wrap_model(model_cls.from_pretrained(backbone), DeltaSettings(peft="lora", lora_r=4, lora_alpha=8), seed=0)
+    for name in noises:
+        save_module(seedling, pool / name, base_model=str(backbone), task=f"{task_prefix}src-{name}")
+    ref = build_context(settings_for(pool), target, collect_pool([pool]), True).ensure_reference()
+    g = torch.Generator().manual_seed(0)
+    for name, noise in noises.items():
+        t = {k: (v + noise * torch.randn(v.shape, generator=g) if k in ref.delta else v).contiguous()
+             for k, v in ref.state.items()}
+        save_file(t, str(pool / name / WEIGHTS_NAME))
+        write_meta(pool / name, kind="lora", base_model=str(backbone), task=f"{task_prefix}src-{name}")
+    return pool, ref

@@ -9,10 +9,10 @@ import torch
 
 from mergekit_lab.errors import UserError
 from mergekit_lab.merging import list_methods, make_method, merge_models, method_help
+from mergekit_lab.merging.methods import ties as ties_mod
 from mergekit_lab.merging.methods.dare import dare_mask
 from mergekit_lab.merging.methods.regmean import regmean_solve
 from mergekit_lab.merging.methods.slerp import slerp
-from mergekit_lab.merging.methods import ties as ties_mod
 from mergekit_lab.merging.methods.ties import kth_largest, trim_top
 from mergekit_lab.merging.registry import TensorJob
 

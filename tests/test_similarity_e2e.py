@@ -27,13 +27,10 @@ def _settings(pool, glue_dir, out, **sim):
 @pytest.fixture(scope="module")
 def pool(tiny_bert, glue_dir, tmp_path_factory):
     """far1, far2: the target's module plus noise; same: exactly the module the scorer tunes."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForSequenceClassification
 
     from mergekit_lab.cli.train import TrainSettings, train_model
-    from mergekit_lab.delta import DeltaSettings, save_module, wrap_model, write_meta
-    from mergekit_lab.delta.modules import WEIGHTS_NAME
-    from mergekit_lab.similarity.run import build_context, collect_pool
+    from tests.factories import make_noised_lora_pool
 
     root = tmp_path_factory.mktemp("simpool")
     # a backbone that already encodes the toy sentiment (a frozen random tiny BERT learns too slowly)
@@ -41,21 +38,10 @@ def pool(tiny_bert, glue_dir, tmp_path_factory):
         "run": {"output_dir": str(root / "backbone"), "quiet": True},
         "model": {"name_or_path": str(tiny_bert)}, "data": {"task": "glue/sst2", "data_dir": str(glue_dir)},
         "training": {"max_steps": 48, "learning_rate": 3e-3, "per_device_train_batch_size": 16}}))
-    tiny_bert = root / "backbone"
-    seedling = wrap_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert),
-                          DeltaSettings(peft="lora", lora_r=4, lora_alpha=8), seed=0)
-    for name in ("far1", "far2", "same"):
-        save_module(seedling, root / "pool" / name, base_model=str(tiny_bert), task=f"glue/src-{name}")
-    s = _settings(root / "pool", glue_dir, root / "unused")
-    ctx = build_context(s, "glue/sst2", collect_pool([root / "pool"]), True)
-    ref = ctx.ensure_reference()
-    g = torch.Generator().manual_seed(0)
-    for name, noise in (("same", 0.0), ("far1", 2.0), ("far2", 3.0)):
-        t = {k: (v + noise * torch.randn(v.shape, generator=g) if k in ref.delta else v).contiguous()
-             for k, v in ref.state.items()}
-        save_file(t, str(root / "pool" / name / WEIGHTS_NAME))
-        write_meta(root / "pool" / name, kind="lora", base_model=str(tiny_bert), task=f"glue/src-{name}")
-    return root / "pool"
+    pool, _ = make_noised_lora_pool(root, root / "backbone", AutoModelForSequenceClassification,
+                                    lambda pool: _settings(pool, glue_dir, root / "unused"), "glue/sst2", "glue/",
+                                    {"same": 0.0, "far1": 2.0, "far2": 3.0})
+    return pool
 
 
 def test_identical_source_wins_every_measure(pool, glue_dir, tmp_path):

@@ -49,13 +49,10 @@ def _tiny_t5(folder):
 def t5_pool(glue_dir, tmp_path_factory):
     """A T5 backbone fine-tuned on toy t2t/glue/sst2 (a frozen random tiny T5 learns too slowly) and
     a LoRA pool: same = exactly the reference module the scorer tunes, far1/far2 = it plus noise."""
-    from safetensors.torch import save_file
     from transformers import T5ForConditionalGeneration
 
     from mergekit_lab.cli.train import TrainSettings, train_model
-    from mergekit_lab.delta import DeltaSettings, save_module, wrap_model, write_meta
-    from mergekit_lab.delta.modules import WEIGHTS_NAME
-    from mergekit_lab.similarity.run import build_context, collect_pool
+    from tests.factories import make_noised_lora_pool
 
     root = tmp_path_factory.mktemp("t5pool")
     t5 = _tiny_t5(root / "t5")
@@ -63,21 +60,11 @@ def t5_pool(glue_dir, tmp_path_factory):
         "run": {"output_dir": str(root / "backbone"), "quiet": True},
         "model": {"name_or_path": str(t5)}, "data": {"task": TARGET, "data_dir": str(glue_dir), "max_eval_samples": 8},
         "training": {"max_steps": 40, "learning_rate": 3e-3, "per_device_train_batch_size": 16}}))
-    backbone = root / "backbone"
-    seedling = wrap_model(T5ForConditionalGeneration.from_pretrained(backbone),
-                          DeltaSettings(peft="lora", lora_r=4, lora_alpha=8), seed=0)
-    for name in ("far1", "far2", "same"):
-        save_module(seedling, root / "pool" / name, base_model=str(backbone), task=f"t2t/glue/src-{name}")
-    ctx = build_context(_settings(root / "pool", glue_dir, root / "unused"), TARGET,
-                        collect_pool([root / "pool"]), True)
-    ref = ctx.ensure_reference()
+    pool, ref = make_noised_lora_pool(root, root / "backbone", T5ForConditionalGeneration,
+                                      lambda pool: _settings(pool, glue_dir, root / "unused"), TARGET, "t2t/glue/",
+                                      {"same": 0.0, "far1": 1.0, "far2": 2.0})
     assert ref.head == {} and ref.model is not None  # T5: no head, the reference model is kept for kl
-    g = torch.Generator().manual_seed(0)
-    for name, noise in (("same", 0.0), ("far1", 1.0), ("far2", 2.0)):
-        t = {k: (v + noise * torch.randn(v.shape, generator=g)).contiguous() for k, v in ref.state.items()}
-        save_file(t, str(root / "pool" / name / WEIGHTS_NAME))
-        write_meta(root / "pool" / name, kind="lora", base_model=str(backbone), task=f"t2t/glue/src-{name}")
-    return root / "pool"
+    return pool
 
 
 def test_token_stats_against_numpy():
