@@ -88,6 +88,9 @@ class TargetContext:
     batch_size: int = 32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _outputs: dict[str, Any] = field(default_factory=dict)
+    #: text-to-text: compute kl in the same pass as the other output measures (set by score_sources
+    #: when kl is among the measures, so a source is not run twice)
+    seq_kl: bool = False
     _tuned: dict[str, Tuned] = field(default_factory=dict)
     _reference: Reference | None = None
     _zero_shot: float | None = None
@@ -185,6 +188,7 @@ class TargetContext:
         """Text-to-text: per-example sums over the target tokens (ce, el2n, cos[, kl], tokens)."""
         from mergekit_lab.similarity.measures import seq2seq_token_stats
 
+        kl = kl or self.seq_kl
         key = str(src.path)
         cached = self._outputs.get(key)
         if cached is not None and (not kl or "kl" in cached):
@@ -258,6 +262,7 @@ class TargetContext:
 def score_sources(ctx: TargetContext, sources: list[ModuleFolder], measure_names: list[str]) -> dict[str, Any]:
     """Scores (and seconds) of every source under every measure, for one target."""
     measures = [get_measure(m) for m in measure_names]
+    ctx.seq_kl = ctx.seq2seq and any(m.name == "kl" for m in measures)
     # classifiers need the reference module's head for every measure; text-to-text targets only
     # for the measures that compare with the reference (kl, cos_weights)
     if (ctx.head == "reference" and not ctx.seq2seq) or any(m.needs_reference for m in measures):
